@@ -1,0 +1,50 @@
+"""``opdkit`` command line: one sub-command per job; each lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opdkit.cli import train_cmd
+
+COMMANDS = {"train": train_cmd}
+
+
+def _optional_commands() -> None:
+    """Sub-commands whose modules exist in this version (eval, report, demo, bench, diagnose)."""
+    import importlib
+
+    for name in ("eval", "report", "demo", "bench", "diagnose"):
+        try:
+            COMMANDS[name] = importlib.import_module(f"opdkit.cli.{name}_cmd")
+        except ModuleNotFoundError as e:
+            if e.name != f"opdkit.cli.{name}_cmd":
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _optional_commands()
+    parser = argparse.ArgumentParser(prog="opdkit", description="On-policy distillation of language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from opdkit.config import ConfigError
+
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except ConfigError as e:
+        print(f"opdkit {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Typed configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
+
+Every field carries a help text (``opdkit train --help`` prints them all). Loading checks types and
+values and says which field is wrong and what would be valid. Counts name their unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def F(default: Any = dataclasses.MISSING, help: str = "", **kw):  # noqa: A002
+    """A dataclass field with a help text (mutable defaults via ``default_factory``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+QWEN_MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class ModelConfig:
+    student: str = F("", "student: local path (save_pretrained dir) or hub id; it samples and learns")
+    teacher: str = F("", "teacher: local path or hub id; scores every sampled token")
+    tokenizer: str = F("", "tokenizer path or id (default: the student's)")
+    dtype: str = F("auto", "student weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    teacher_dtype: str = F("auto", "teacher weights dtype (auto as above)")
+    trust_remote_code: bool = F(False, "allow model code from the hub (off: only transformers' own code)")
+    lora_r: int = F(0, "LoRA rank through peft; 0 trains all weights")
+    lora_alpha: int = F(16, "LoRA alpha")
+    lora_dropout: float = F(0.0, "LoRA dropout")
+    lora_target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                   "down_proj"], "modules LoRA adapts")
+    gradient_checkpointing: bool = F(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = F("", "training prompts: a JSON Lines file (problem, answer), or a registered "
+                            "name (dapo17k, math500, ...) resolved in data_dir")
+    data_dir: str = F("", "directory of registered data files (default: $OPDKIT_DATA_DIR or ../shared/data)")
+    hf_dataset: str = F("", "Hugging Face dataset name instead of train_file (needs `datasets`)")
+    hf_split: str = F("train", "split of hf_dataset")
+    problem_field: str = F("problem", "field holding the problem text")
+    answer_field: str = F("answer", "field holding the reference answer")
+    prompt_template: str = F(QWEN_MATH_TEMPLATE, "prompt text; {problem} is replaced by the problem (other braces are literal)")
+    chat_template: bool = F(True, "wrap the prompt in the tokenizer's chat template when it has one")
+    max_prompt_tokens: int = F(1024, "prompts longer than this many tokens are dropped (and counted)")
+    shuffle: bool = F(True, "shuffle prompts each epoch (seeded)")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = F(4, "prompts per rollout step (over all processes)")
+    samples_per_prompt: int = F(8, "responses sampled per prompt (a group)")
+    max_new_tokens: int = F(1024, "tokens per response at most")
+    min_new_tokens: int = F(0, "EOS is suppressed before this many tokens")
+    temperature: float = F(1.0, "sampling temperature (§2.5: 1.0)")
+    top_p: float = F(0.9, "nucleus sampling (§2.5: 0.9)")
+    top_k: int = F(0, "top-k sampling; 0 = off")
+    reward: str = F("math", "verifier for the training solve rate: math, chain, none")
+
+
+@dataclass
+class LossConfig:
+    name: str = F("opd", "base loss: opd (sampled-token, §2.1), lsm (§2.2), fkl, rkl, jsd (top-K §2.3)")
+    clip_eps: float = F(0.2, "PPO clip ε of opd")
+    dual_clip: float = F(3.0, "dual-clip constant c of opd (<= 0 disables)")
+    topk: int = F(32, "teacher top-K support size for lsm / fkl / rkl / jsd")
+    jsd_beta: float = F(0.5, "β of the generalized JSD (0 = forward KL, 1 = reverse KL)")
+    tail: bool = F(True, "top-K divergences: keep the remaining mass as one tail bucket (else renormalize)")
+    reduction: str = F("token-mean", "token-mean, seq-mean-token-mean, seq-mean-token-sum, constant")
+    reduction_constant: float = F(0.0, "divisor of reduction 'constant' (e.g. max_new_tokens)")
+    special_tokens: list = F([], "mask the first occurrence of each of these tokens per response (§2.4; "
+                                 "paper: ['<', 'think', '<|im_end|>'])")
+    advantage: str = F("plain", "opd advantage: plain (log q − log π_old) or sign_gated (SG-OPD §5.1)")
+    sign_lam: float = F(1.8, "SG-OPD λ on tokens where teacher and verifier agree")
+    sign_beta: float = F(1.0, "SG-OPD β toward the verifier advantage where they disagree")
+
+
+@dataclass
+class GateConfig:
+    name: str = F("none", "drift gate segmentation: none, token, block, newline, sequence (§4)")
+    block_size: int = F(64, "tokens per block for gate 'block'")
+    tau: float = F(1.0, "gate temperature τ in exp(−τ|s_b|)")
+    normalize: str = F("batch", "gate mean-normalization scope: batch (optimizer-step batch) or sequence")
+    newline_min_len: int = F(16, "newline spans shorter than this many tokens merge into the next")
+    newline_max_len: int = F(128, "newline spans longer than this many tokens split into equal parts")
+    newline_fallback: int = F(64, "block size for responses without a newline")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(2e-6, "AdamW learning rate")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    beta1: float = F(0.9, "AdamW β1")
+    beta2: float = F(0.999, "AdamW β2")
+    eps: float = F(1e-8, "AdamW ε")
+    warmup_updates: int = F(0, "optimizer updates of linear warm-up")
+    schedule: str = F("constant", "lr schedule after warm-up: constant, linear, cosine")
+    max_grad_norm: float = F(1.0, "gradient norm clip; <= 0 disables")
+
+
+@dataclass
+class TrainConfig:
+    train_steps: int = F(200, "rollout steps (each samples a new rollout batch)")
+    rollout_passes: int = F(2, "passes over each rollout batch (rollout reuse, §1)")
+    minibatches_per_pass: int = F(1, "optimizer updates per pass (the batch is split in this many)")
+    microbatch_size: int = F(8, "sequences per forward/backward (memory only; the update does not "
+                                "depend on it)")
+    teacher_microbatch_size: int = F(8, "sequences per teacher scoring forward")
+    logprob_chunk_size: int = F(1024, "positions per chunk of the LM-head log-prob computation")
+    seed: int = F(0, "seed of data order, sampling and initialisation")
+    output_dir: str = F("runs/opd", "run directory (metrics.jsonl, checkpoints, final model)")
+    save_every_steps: int = F(50, "rollout steps between checkpoints; 0 = only the final model")
+    keep_checkpoints: int = F(2, "complete checkpoints kept on disk")
+    max_bad_updates: int = F(3, "stop after this many non-finite updates in a row")
+    device: str = F("auto", "auto, cpu, cuda")
+    threads: int = F(0, "torch CPU threads; 0 = torch's default")
+    tensorboard: bool = F(False, "also log to TensorBoard (needs `tensorboard`)")
+    wandb_project: str = F("", "also log to this W&B project (needs `wandb`)")
+    progress: bool = F(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "rollout.reward": ("math", "chain", "none"),
+    "loss.name": ("opd", "lsm", "fkl", "rkl", "jsd"),
+    "loss.reduction": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"),
+    "loss.advantage": ("plain", "sign_gated"),
+    "gate.name": ("none", "token", "block", "newline", "sequence"),
+    "gate.normalize": ("batch", "sequence"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
+            "rollout.temperature", "loss.topk", "gate.block_size", "gate.newline_fallback",
+            "gate.newline_max_len", "optim.lr", "train.train_steps", "train.rollout_passes",
+            "train.minibatches_per_pass", "train.microbatch_size", "train.teacher_microbatch_size",
+            "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints"]
+NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "model.lora_r", "gate.tau", "gate.newline_min_len",
+               "optim.weight_decay", "optim.warmup_updates", "train.save_every_steps", "train.threads",
+               "loss.clip_eps", "loss.sign_beta"]
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config, *, need_models: bool = True) -> Config:
+    """Check every value; raise :class:`ConfigError` naming the field and what would be valid."""
+    for key, options in CHOICES.items():
+        if _get(cfg, key) not in options:
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} is not valid; choose one of {', '.join(options)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} must be > 0")
+    for key in NONNEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} = {_get(cfg, key)!r} must be >= 0")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p = {cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.min_new_tokens > cfg.rollout.max_new_tokens:
+        raise ConfigError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
+    if not 0.0 <= cfg.loss.jsd_beta <= 1.0:
+        raise ConfigError(f"loss.jsd_beta = {cfg.loss.jsd_beta} must be in [0, 1]")
+    if cfg.loss.reduction == "constant" and cfg.loss.reduction_constant <= 0:
+        raise ConfigError("loss.reduction = constant needs loss.reduction_constant > 0 (e.g. max_new_tokens)")
+    if cfg.loss.advantage == "sign_gated" and (cfg.loss.name != "opd" or cfg.rollout.reward == "none"):
+        raise ConfigError("loss.advantage = sign_gated needs loss.name = opd and a rollout.reward verifier")
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    if rows % cfg.train.minibatches_per_pass:
+        raise ConfigError(f"train.minibatches_per_pass = {cfg.train.minibatches_per_pass} must divide the "
+                          f"rollout batch of {rows} sequences (prompts_per_step x samples_per_prompt)")
+    if cfg.gate.newline_min_len > cfg.gate.newline_max_len:
+        raise ConfigError("gate.newline_min_len must be <= gate.newline_max_len")
+    if need_models:
+        for key in ("model.student", "model.teacher"):
+            if not _get(cfg, key):
+                raise ConfigError(f"{key} is required: a save_pretrained directory or a hub id")
+        if not (cfg.data.train_file or cfg.data.hf_dataset):
+            raise ConfigError("data.train_file (a .jsonl path or registered name) or data.hf_dataset is required")
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, key: str):
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        return value
+    else:
+        return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {getattr(tp, '__name__', tp)}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown field {key!r}; valid fields here: {', '.join(sorted(names))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be a mapping of its fields")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["loss.name=lsm", "train.train_steps=10"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. loss.name=lsm")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                need_models: bool = True) -> Config:
+    """Defaults <- YAML file <- overrides, then :func:`validate`."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    return validate(cfg, need_models=need_models)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_help(cfg_cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every field, for ``--help``."""
+    rows = []
+    inst = cfg_cls()
+    for f in dataclasses.fields(inst):
+        v = getattr(inst, f.name)
+        if dataclasses.is_dataclass(v):
+            rows += field_help(type(v), prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, repr(v), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,102 @@
+"""Training prompts: load problems, format and tokenize prompts, iterate epochs with a resumable cursor.
+
+Prompt formatting is shared by training and evaluation (``opdkit eval`` uses the same template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opdkit.eval.benchmarks import Problem, load_benchmark, load_hf_problems, load_jsonl_problems
+
+
+def format_prompt(tokenizer, problem: str, *, template: str = "{problem}", chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt: ``template`` with ``{problem}`` replaced (other braces are literal), inside
+    the chat template if the tokenizer has one and ``chat_template`` is on (generation prompt appended)."""
+    if "{problem}" not in template:
+        raise ValueError(f"prompt template {template!r} must contain {{problem}}")
+    text = template.replace("{problem}", problem)
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                            add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def load_problems(train_file: str = "", *, data_dir: str = "", hf_dataset: str = "", hf_split: str = "train",
+                  problem_field: str = "problem", answer_field: str = "answer") -> list[Problem]:
+    """Problems from a JSON Lines path, a registered name (``dapo17k``, ``math500``, ...) or a HF dataset."""
+    if hf_dataset:
+        return load_hf_problems(hf_dataset, split=hf_split, problem_field=problem_field,
+                                answer_field=answer_field)
+    if train_file.endswith(".jsonl") or "/" in train_file:
+        return load_jsonl_problems(train_file, problem_field=problem_field, answer_field=answer_field)
+    return load_benchmark(train_file, data_dir=data_dir or None)
+
+
+@dataclass
+class PromptSource:
+    """Tokenized prompts served in seeded, shuffled epochs; ``state()`` / ``load_state()`` resume exactly.
+
+    ``dropped`` counts prompts longer than ``max_prompt_tokens``.
+    """
+
+    prompt_ids: list[list[int]]
+    answers: list[str]
+    indices: list[int]
+    seed: int = 0
+    shuffle: bool = True
+    dropped: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, problems: list[Problem], tokenizer, *, template: str, chat_template: bool,
+              max_prompt_tokens: int, seed: int = 0, shuffle: bool = True) -> PromptSource:
+        ids, answers, idx, dropped = [], [], [], 0
+        for i, p in enumerate(problems):
+            toks = format_prompt(tokenizer, p.problem, template=template, chat_template=chat_template)
+            if len(toks) > max_prompt_tokens:
+                dropped += 1
+                continue
+            ids.append(toks)
+            answers.append(p.answer)
+            idx.append(i)
+        if not ids:
+            raise ValueError(f"no prompt fits data.max_prompt_tokens = {max_prompt_tokens} "
+                             f"({dropped} dropped); raise it")
+        return cls(ids, answers, idx, seed=seed, shuffle=shuffle, dropped=dropped)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=g).tolist()
+
+    def next(self, n: int) -> list[int]:
+        """Positions (into ``prompt_ids``) of the next ``n`` prompts, crossing epochs as needed."""
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._order = self._epoch_order(self.epoch)
+            take = min(n - len(out), len(self) - self.cursor)
+            out += self._order[self.cursor:self.cursor + take]
+            self.cursor += take
+            if self.cursor >= len(self):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, []
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._epoch_order(self.epoch) if self.cursor else []

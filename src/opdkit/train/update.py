@@ -1,0 +1,153 @@
+"""One optimizer update over a mini-batch of the rollout batch (methods.md §2-§4).
+
+For each micro-batch: current log-probs (chunked LM head) -> base loss from the registry -> drift gate
+from the segmenter registry -> ``loss_numerator`` backward. After the last micro-batch the reduction
+counts are summed over processes, gradients are summed over processes and divided once by the global
+denominator, so the update depends neither on ``microbatch_size`` nor on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from opdkit.gates.drift import drift_gate, drift_stats, normalize_gate
+from opdkit.gates.registry import Segmenter, SegmentParams
+from opdkit.losses.masking import special_token_mask
+from opdkit.losses.opd import clip_fraction, opd_advantage
+from opdkit.losses.reduction import loss_denominator, loss_numerator, reduction_stats
+from opdkit.losses.registry import LossHParams, LossInputs, LossSpec
+from opdkit.rollout.batch import RolloutBatch
+from opdkit.rollout.scoring import response_logprobs
+
+# advantage_fn(micro_batch, mask_BT) -> advantage_BT or None (plain OPD advantage)
+AdvantageFn = Callable[[RolloutBatch, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class UpdateSpec:
+    """Everything an update needs besides the model, resolved once from the config."""
+
+    loss: LossSpec
+    hparams: LossHParams
+    reduction: str = "token-mean"
+    reduction_constant: float | None = None
+    segmenter: Segmenter | None = None
+    segment_params: SegmentParams = SegmentParams()
+    tau: float = 1.0
+    gate_scope: str = "batch"
+    special_token_ids: tuple[int, ...] = ()
+    microbatch_size: int = 8
+    chunk_size: int = 1024
+    vocab_limit: int | None = None
+    max_grad_norm: float = 1.0
+    advantage_fn: AdvantageFn | None = None
+
+
+# metric sums aggregated over micro-batches and processes (divided once at the end)
+_SUM_KEYS = ("tokens", "seqs", "loss_num", "clip", "abs_drift", "gate_sum", "gate_sq", "rkl", "resp_len")
+
+
+def _all_reduce(t: torch.Tensor, op: str, world) -> torch.Tensor:
+    if world is None or world.num_processes == 1:
+        return t
+    return world.reduce(t, reduction=op)
+
+
+def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor | None, dict]:
+    """Forward one micro-batch: (numerator, mask_BT, gate_BT, metric sums). Backward is the caller's."""
+    mask = micro.response_mask_BT.float()
+    if spec.special_token_ids:
+        mask = special_token_mask(micro.response_ids_BT, mask, list(spec.special_token_ids))
+    gather = micro.teacher_topk_ids_BTK if spec.loss.needs_support else None
+    out = response_logprobs(model, micro, gather_ids_BTK=gather, chunk_size=spec.chunk_size,
+                            vocab_limit=spec.vocab_limit)
+    advantage = spec.advantage_fn(micro, mask) if spec.advantage_fn is not None else None
+    x = LossInputs(mask_BT=mask, logp_BT=out.logp_BT, logp_old_BT=micro.logp_old_BT,
+                   logp_teacher_BT=micro.teacher_logp_BT, student_support_logits_BTK=out.gathered_logits_BTK,
+                   student_lse_BT=out.lse_BT, teacher_support_logits_BTK=micro.teacher_topk_logits_BTK,
+                   teacher_lse_BT=micro.teacher_lse_BT, advantage_BT=advantage)
+    loss_BT = spec.loss.fn(x, spec.hparams)
+    gate = None
+    if spec.segmenter is not None:
+        seg = spec.segmenter(micro.response_ids_BT, mask, spec.segment_params)
+        gate = drift_gate(out.logp_BT, micro.logp_old_BT, mask, seg, tau=spec.tau)
+        if spec.gate_scope == "sequence":
+            gate = normalize_gate(gate, mask, scope="sequence")
+    num = loss_numerator(loss_BT, mask, spec.reduction, weights_BT=gate)
+    with torch.no_grad():
+        logp = out.logp_BT.detach()
+        adv = advantage if advantage is not None else opd_advantage(micro.teacher_logp_BT, micro.logp_old_BT, mask)
+        g = gate if gate is not None else mask
+        ds = drift_stats(logp, micro.logp_old_BT, mask, g)
+        valid = mask > 0
+        m = {
+            "tokens": mask.sum(), "seqs": (mask.sum(-1) > 0).float().sum(), "loss_num": num.detach(),
+            "clip": clip_fraction(logp, micro.logp_old_BT, adv, mask, spec.hparams.clip_eps).sum(),
+            "abs_drift": ds["abs_drift_sum"], "gate_sum": ds["gate_sum"], "gate_sq": ds["gate_sq_sum"],
+            "rkl": torch.where(valid, logp - micro.teacher_logp_BT, 0.0).sum(),
+            "resp_len": micro.response_mask_BT.float().sum(),
+            "gate_min": ds["gate_min"], "gate_max": ds["gate_max"],
+        }
+    return num, mask, gate, m
+
+
+def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpec, *, world=None) -> dict:
+    """Accumulate gradients over micro-batches, divide by the global denominator, clip, step.
+
+    Returns metrics (floats). ``metrics["skipped"]`` is 1.0 when the loss or gradient was non-finite;
+    then the parameters and the optimizer state are left unchanged.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(3, dtype=torch.float64)
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
+    gmin, gmax = torch.tensor(math.inf), torch.tensor(-math.inf)
+    for s in range(0, batch.size, spec.microbatch_size):
+        micro = batch.select(list(range(s, min(s + spec.microbatch_size, batch.size))))
+        num, mask, gate, m = compute_micro(model, micro, spec)
+        num.backward()
+        stats += reduction_stats(mask, gate).cpu()
+        for k in _SUM_KEYS:
+            sums[k] += m[k].double().cpu()
+        gmin, gmax = torch.minimum(gmin, m["gate_min"].cpu()), torch.maximum(gmax, m["gate_max"].cpu())
+
+    packed = torch.cat([stats, torch.stack([sums[k] for k in _SUM_KEYS])])
+    packed = _all_reduce(packed.to(_device(model)), "sum", world).cpu()
+    stats, vals = packed[:3], dict(zip(_SUM_KEYS, packed[3:].tolist()))
+    gmin = _all_reduce(gmin.to(_device(model)), "min", world).item()
+    gmax = _all_reduce(gmax.to(_device(model)), "max", world).item()
+    weighted = spec.segmenter is not None and spec.gate_scope == "batch"
+    den = loss_denominator(stats, spec.reduction, constant=spec.reduction_constant, weighted=weighted)
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    for p in params:
+        p.grad = _all_reduce(p.grad, "sum", world)
+        p.grad.div_(den.to(p.grad.device, p.grad.dtype))
+    loss = vals["loss_num"] / float(den)
+    max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    n = max(vals["tokens"], 1.0)
+    gate_mean = vals["gate_sum"] / n
+    return {
+        "loss": loss, "grad_norm": grad_norm, "skipped": float(skipped), "lr": scheduler.get_last_lr()[0],
+        "clip_frac": vals["clip"] / n, "drift_abs_mean": vals["abs_drift"] / n,
+        "gate_mean": gate_mean, "gate_std": math.sqrt(max(vals["gate_sq"] / n - gate_mean**2, 0.0)),
+        "gate_min": gmin if math.isfinite(gmin) else 0.0, "gate_max": gmax if math.isfinite(gmax) else 0.0,
+        "sampled_rkl": vals["rkl"] / n, "response_len": vals["resp_len"] / max(vals["seqs"], 1.0),
+        "tokens": vals["tokens"],
+    }
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
