@@ -1,0 +1,71 @@
+"""Config loading, validation messages, overrides, the resolved plan and the paper configs."""
+
+from pathlib import Path
+
+import pytest
+
+from opdkit.cli.main import main
+from opdkit.config import ConfigError, load_config, parse_overrides
+from opdkit.train.plan import check_world, resolve_plan
+
+PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["loss.name=lsm", "train.train_steps=10", "loss.special_tokens=[a, b]"]) == {
+        "loss": {"name": "lsm", "special_tokens": ["a", "b"]}, "train": {"train_steps": 10}}
+    cfg = load_config(None, ["loss.name=lsm", "optim.lr=1e-5", "gate.name=block"], need_models=False)
+    assert cfg.loss.name == "lsm" and cfg.optim.lr == 1e-5 and cfg.gate.name == "block"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.name=kl", "loss.name = 'kl' is not valid; choose one of opd, lsm"),
+    ("gate.name=blocks", "choose one of none, token, block, newline, sequence"),
+    ("train.rollout_passes=0", "train.rollout_passes = 0 must be > 0"),
+    ("rollout.top_p=1.5", "rollout.top_p = 1.5 must be in (0, 1]"),
+    ("train.minibatches_per_pass=3", "must divide the rollout batch of 32 sequences"),
+    ("loss.nme=opd", "unknown field 'loss.nme'"),
+    ("train.train_steps=ten", "train.train_steps = 'ten' has the wrong type"),
+    ("loss.reduction=constant", "needs loss.reduction_constant > 0"),
+])
+def test_invalid_values_name_the_field_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(None, [override], need_models=False)
+
+
+def test_models_and_data_are_required_for_a_real_run():
+    with pytest.raises(ConfigError, match="model.student is required"):
+        load_config(None, [])
+
+
+def test_plan_counts():
+    cfg = load_config(None, ["train.minibatches_per_pass=2", "train.microbatch_size=3"], need_models=False)
+    plan = resolve_plan(cfg, world_size=2)
+    assert plan["sequences_per_rollout_step"] == 32
+    assert plan["optimizer_updates_per_rollout_step"] == 4
+    assert plan["sequences_per_update"] == 16
+    assert plan["microbatches_per_update_per_process"] == 3  # 8 per process, 3 per micro-batch
+    assert plan["total_optimizer_updates"] == 800
+    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
+        check_world(cfg, 3)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_configs_validate_and_dry_run(path, capsys):
+    cfg = load_config(path)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.rollout_passes) == (4, 8, 2)
+    assert (cfg.train.train_steps, cfg.optim.lr, cfg.loss.topk, cfg.rollout.top_p) == (200, 2e-6, 32, 0.9)
+    assert cfg.rollout.max_new_tokens == 16384 and cfg.model.student == "Qwen/Qwen3-1.7B-Base"
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "total optimizer updates              400" in out
+
+
+def test_six_paper_variants():
+    names = {(load_config(p).loss.name, load_config(p).gate.name) for p in PAPER}
+    assert names == {(l, g) for l in ("opd", "lsm") for g in ("none", "block", "newline")}
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "--dry-run", "loss.name=nope"]) == 2
+    assert "configuration error: loss.name" in capsys.readouterr().err
