@@ -1,0 +1,97 @@
+"""Tokenizer pre-flight checks before distillation, and newline token ids for NewlineSpan blocks.
+
+OPD scores the *student's* token ids with the teacher (methods.md §0: ``lq_t = log q(y_t | c_t)``), so
+both models must give every id the same meaning. :func:`check_tokenizers` verifies that and returns the
+vocabulary size to score on. Embeddings padded beyond the tokenizer (e.g. 151,936 vs 152,064 rows)
+are fine: the rows past the tokenizer are never sampled, and scoring on the shared ids ignores them.
+"""
+
+from __future__ import annotations
+
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+_MAX_LISTED = 10
+
+
+class TokenizerMismatchError(ValueError):
+    """Student and teacher tokenizers disagree in a way that makes teacher scores meaningless."""
+
+
+def _id_to_token(tok) -> dict[int, str]:
+    """``id -> token string`` for every id of the tokenizer (base vocabulary and added tokens)."""
+    return {i: t for t, i in tok.get_vocab().items()}
+
+
+def _special(tok, name: str) -> tuple[str | None, int | None]:
+    return getattr(tok, f"{name}_token", None), getattr(tok, f"{name}_token_id", None)
+
+
+def check_tokenizers(student_tok, teacher_tok, *, student_vocab_size: int, teacher_vocab_size: int) -> int:
+    """Check that the teacher can score the student's tokens; return the shared vocabulary size.
+
+    Args:
+        student_tok / teacher_tok: Hugging Face tokenizers.
+        student_vocab_size / teacher_vocab_size: rows of each model's LM head (``config.vocab_size``),
+            which may exceed the tokenizer length (padded embeddings).
+
+    Returns ``min(student_vocab_size, teacher_vocab_size)``: pass it as ``vocab_limit`` to teacher
+    scoring so both distributions live on the same ids.
+
+    Raises :class:`TokenizerMismatchError` naming the first differing ids (with both strings), or the
+    differing EOS / pad / BOS / chat special token (``<|im_start|>``, ``<|im_end|>``), when a tokenizer
+    has a token at an id the other model does not have, or when the models are smaller than their
+    tokenizers.
+    """
+    shared = min(int(student_vocab_size), int(teacher_vocab_size))
+    advice = ("OPD scores the student's token ids with the teacher, so both must share one tokenizer: "
+              "pick a teacher from the student's model family (e.g. Qwen3 with Qwen3), or load both "
+              "with the same tokenizer files.")
+    problems: list[str] = []
+    for name in ("eos", "pad", "bos"):
+        s, t = _special(student_tok, name), _special(teacher_tok, name)
+        if s != t:
+            problems.append(f"{name} token differs: student {s[0]!r} (id {s[1]}) vs teacher {t[0]!r} (id {t[1]})")
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    for special in CHAT_SPECIAL_TOKENS:
+        s_id, t_id = s_vocab.get(special), t_vocab.get(special)
+        if (s_id is not None or t_id is not None) and s_id != t_id:
+            problems.append(f"chat token {special!r} differs: student id {s_id} vs teacher id {t_id}")
+
+    for who, tok, n_model in (("student", student_tok, student_vocab_size), ("teacher", teacher_tok,
+                                                                             teacher_vocab_size)):
+        hi = max(tok.get_vocab().values(), default=-1)
+        if hi >= n_model:
+            raise ValueError(f"the {who} tokenizer has id {hi} but the {who} model has only {n_model} "
+                             "vocabulary rows; pass the model's config.vocab_size and check the pairing")
+
+    s_map, t_map = _id_to_token(student_tok), _id_to_token(teacher_tok)
+    diffs = [i for i in sorted(set(s_map) | set(t_map)) if i < shared and s_map.get(i) != t_map.get(i)]
+    beyond = sorted(i for i in s_map if i >= shared)
+    if diffs:
+        listed = ", ".join(f"id {i}: student {s_map.get(i)!r} vs teacher {t_map.get(i)!r}"
+                           for i in diffs[:_MAX_LISTED])
+        more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
+        problems.append(f"{len(diffs)} of the {shared} shared ids map to different tokens: {listed}{more}")
+    if beyond:
+        problems.append(f"the student tokenizer has {len(beyond)} tokens at ids >= {shared} that the teacher "
+                        f"cannot score, e.g. id {beyond[0]}: {s_map[beyond[0]]!r}")
+    if problems:
+        if not diffs and not beyond:  # same vocabulary, different special-token settings
+            advice = ("The vocabularies agree; only special-token settings differ (e.g. a base vs an instruct "
+                      "checkpoint of one family). Set the same eos_token / pad_token / bos_token on both "
+                      "tokenizers (and the same chat template) before distilling.")
+        raise TokenizerMismatchError("student / teacher tokenizer mismatch:\n- " + "\n- ".join(problems)
+                                     + "\n" + advice)
+    return shared
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Sorted ids whose decoded text contains ``"\\n"`` (NewlineSpan block boundaries, methods.md §4).
+
+    Each id is decoded on its own once (``batch_decode`` over ``[[id] for id in vocab]``, done in Rust
+    by fast tokenizers: about a second for a 150k vocabulary), so byte-level tokens such as ``"Ċ"`` or
+    ``".ĊĊ"`` and byte-fallback tokens such as ``"<0x0A>"`` are all found. Cache the result.
+    """
+    ids = sorted(tokenizer.get_vocab().values())
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return [i for i, text in zip(ids, texts) if "\n" in text]
