@@ -12,10 +12,14 @@ PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))
 
 
 def test_overrides_are_typed_and_nested():
-    assert parse_overrides(["loss.name=lsm", "train.train_steps=10", "loss.special_tokens=[a, b]"]) == {
-        "loss": {"name": "lsm", "special_tokens": ["a", "b"]}, "train": {"train_steps": 10}}
-    cfg = load_config(None, ["loss.name=lsm", "optim.lr=1e-5", "gate.name=block"], need_models=False)
+    assert parse_overrides(["loss.name=lsm", "train.train_steps=10"]) == {
+        "loss": {"name": "lsm"}, "train": {"train_steps": "10"}}
+    cfg = load_config(None, ["loss.name=lsm", "optim.lr=1e-5", "gate.name=block", "train.train_steps=10",
+                             "loss.special_tokens=[a, b]", "data.prompt_template={problem} = ?",
+                             "model.lora_target_modules=q_proj,v_proj"], need_models=False)
     assert cfg.loss.name == "lsm" and cfg.optim.lr == 1e-5 and cfg.gate.name == "block"
+    assert cfg.train.train_steps == 10 and cfg.loss.special_tokens == ["a", "b"]
+    assert cfg.data.prompt_template == "{problem} = ?" and cfg.model.lora_target_modules == ["q_proj", "v_proj"]
 
 
 @pytest.mark.parametrize("override, message", [

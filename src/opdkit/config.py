@@ -35,7 +35,8 @@ class ModelConfig:
     student: str = F("", "student: local path (save_pretrained dir) or hub id; it samples and learns")
     teacher: str = F("", "teacher: local path or hub id; scores every sampled token")
     tokenizer: str = F("", "tokenizer path or id (default: the student's)")
-    dtype: str = F("auto", "student weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    dtype: str = F("auto", "student weights dtype: auto (float32 weights, bf16 autocast on GPU), float32, "
+                           "bfloat16")
     teacher_dtype: str = F("auto", "teacher weights dtype (auto as above)")
     trust_remote_code: bool = F(False, "allow model code from the hub (off: only transformers' own code)")
     lora_r: int = F(0, "LoRA rank through peft; 0 trains all weights")
@@ -210,7 +211,13 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
     return cfg
 
 
+class _Raw(str):
+    """A command-line override value: kept verbatim for str fields, read as YAML for the others."""
+
+
 def _coerce(value: Any, tp: Any, key: str):
+    if isinstance(value, _Raw):
+        value = str(value) if tp is str else (yaml.safe_load(value) if value != "" else "")
     origin = typing.get_origin(tp)
     if tp is bool:
         if isinstance(value, bool):
@@ -260,7 +267,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["loss.name=lsm", "train.train_steps=10"]`` -> nested dict (values parsed as YAML scalars)."""
+    """``["loss.name=lsm", "train.train_steps=10"]`` -> nested dict of raw values (typed when applied)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -270,7 +277,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _Raw(raw)
     return out
 
 

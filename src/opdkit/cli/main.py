@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional_commands()
     parser = argparse.ArgumentParser(prog="opdkit", description="On-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in COMMANDS.items():
+    for mod in COMMANDS.values():
         mod.add_parser(sub)
     return parser
 

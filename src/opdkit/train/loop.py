@@ -40,10 +40,11 @@ def _accelerator(cfg: Config):
     return Accelerator(cpu=cfg.train.device == "cpu")
 
 
-def _dtype(name: str, device: torch.device) -> str:
+def _dtype(name: str, device: torch.device, *, trains: bool) -> str:
+    """``auto``: a trained model keeps float32 master weights (bf16 autocast on GPU); a frozen one is bf16 on GPU."""
     if name != "auto":
         return name
-    return "bfloat16" if device.type == "cuda" else "float32"
+    return "bfloat16" if device.type == "cuda" and not trains else "float32"
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -119,9 +120,9 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
     teacher_tok = load_tokenizer(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
-    student = load_model(cfg.model.student, dtype=_dtype(cfg.model.dtype, device), device=device,
+    student = load_model(cfg.model.student, dtype=_dtype(cfg.model.dtype, device, trains=True), device=device,
                          trust_remote_code=cfg.model.trust_remote_code)
-    teacher = load_model(cfg.model.teacher, dtype=_dtype(cfg.model.teacher_dtype, device), device=device,
+    teacher = load_model(cfg.model.teacher, dtype=_dtype(cfg.model.teacher_dtype, device, trains=False), device=device,
                          trust_remote_code=cfg.model.trust_remote_code).eval().requires_grad_(False)
     vocab = check_tokenizers(tok, teacher_tok, student_vocab_size=student.get_output_embeddings().weight.shape[0],
                              teacher_vocab_size=teacher.get_output_embeddings().weight.shape[0])
@@ -157,7 +158,8 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
     start_step, bad_streak = 0, 0
     latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        tstate, rstate = ckpt.load_checkpoint(latest, model=student, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        tstate, rstate = ckpt.load_checkpoint(latest, model=student, optimizer=optimizer, scheduler=scheduler,
+                                              rank=rank)
         start_step, bad_streak = int(tstate["step"]), int(tstate["bad_streak"])
         source.load_state(tstate["data"])
         ckpt.set_rng_state(rstate["rng"], generator)
@@ -179,7 +181,6 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.train.train_steps, initial=start_step, desc="opd", unit="step", dynamic_ncols=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    base = student.get_base_model() if cfg.model.lora_r else student
     rows_pp = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
     update_idx = start_step * plan["optimizer_updates_per_rollout_step"]
 

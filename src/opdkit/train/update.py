@@ -52,9 +52,14 @@ _SUM_KEYS = ("tokens", "seqs", "loss_num", "clip", "abs_drift", "gate_sum", "gat
 
 
 def _all_reduce(t: torch.Tensor, op: str, world) -> torch.Tensor:
+    """Sum / min / max over processes (``world``: an accelerate Accelerator, or None for one process)."""
     if world is None or world.num_processes == 1:
         return t
-    return world.reduce(t, reduction=op)
+    import torch.distributed as dist
+
+    out = t.clone()
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return out
 
 
 def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.Tensor, torch.Tensor,

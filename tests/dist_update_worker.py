@@ -1,0 +1,52 @@
+"""Run by tests/test_distributed.py under torch.distributed.run: one update on a fixed rollout batch.
+
+Every process builds the same batch (seeded sampling) and the same drifted student, takes its share of
+rows, and runs ``run_update`` with the accelerate world; rank 0 saves the updated weights.
+"""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from opdkit.config import load_config
+from opdkit.models import load_model, load_tokenizer
+from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.rollout.teacher import score_with_teacher
+from opdkit.train.loop import build_update_spec
+from opdkit.train.update import run_update
+
+
+import faulthandler
+faulthandler.dump_traceback_later(240, exit=True)  # never hang CI
+
+
+def main(student_dir, teacher_dir, out, loss, gate, reduction):
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    tok = load_tokenizer(student_dir)
+    student, teacher = load_model(student_dir, device="cpu"), load_model(teacher_dir, device="cpu")
+    prompts = [tok(f"{i}+{2 * i}=")["input_ids"] for i in range(4)]
+    batch = sample_rollouts(student, prompts, SamplingParams(max_new_tokens=9, samples_per_prompt=2),
+                            eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    batch = score_with_teacher(teacher, batch, topk=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cfg = load_config(None, [f"loss.name={loss}", f"gate.name={gate}", "gate.block_size=3", "loss.topk=4",
+                             f"loss.reduction={reduction}", "train.microbatch_size=3"], need_models=False)
+    spec = build_update_spec(cfg, tok, None)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    rows = list(range(batch.size))[acc.process_index::acc.num_processes]
+    metrics = run_update(student, opt, sched, batch.select(rows), spec, world=acc)
+    if acc.is_main_process:
+        save_file({n: p.detach().contiguous() for n, p in student.named_parameters()}, out)
+        print("loss", metrics["loss"], "gate_min", metrics["gate_min"])
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

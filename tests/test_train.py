@@ -1,0 +1,124 @@
+"""The trainer end to end on tiny models saved locally: every loss x gate, drift, micro-batching, LoRA,
+bad steps, and the final model loading with from_pretrained."""
+
+import json
+
+import pytest
+import torch
+from opdkit.rollout.teacher import score_with_teacher
+
+from opdkit.cli.main import main
+from opdkit.config import load_config
+from opdkit.models import load_model, load_tokenizer
+from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.train.loop import TrainingDiverged, build_update_spec, train
+from opdkit.train.telemetry import read_metrics
+from opdkit.train.update import run_update
+
+
+def _cfg(tiny_models, out, *extra):
+    student, teacher, data = tiny_models
+    return load_config(None, [
+        f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
+        "data.max_prompt_tokens=64", "data.prompt_template={problem}", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=6", "rollout.reward=math", "loss.topk=4", "train.train_steps=1",
+        "train.rollout_passes=2", "train.microbatch_size=3", "train.progress=false", "train.save_every_steps=0",
+        "optim.lr=1e-3", "train.device=cpu", f"train.output_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("gate", ["none", "token", "block", "newline", "sequence"])
+@pytest.mark.parametrize("loss", ["opd", "lsm", "fkl", "rkl", "jsd"])
+def test_every_loss_and_gate_trains_end_to_end(tiny_models, tmp_path, loss, gate):
+    cfg = _cfg(tiny_models, tmp_path, f"loss.name={loss}", f"gate.name={gate}", "gate.block_size=2",
+               "gate.newline_min_len=1")
+    final = train(cfg, print_fn=lambda *a: None)
+    updates = read_metrics(tmp_path / "metrics.jsonl", "update")
+    assert len(updates) == 2 and all(u["skipped"] == 0 for u in updates)
+    # the first update of a rollout batch sees no drift: the gate is exactly 1 (up to recompute noise)
+    assert updates[0]["drift_abs_mean"] < 1e-4
+    assert updates[0]["gate_min"] > 0.9999 and updates[0]["gate_max"] < 1.0001
+    assert all(torch.isfinite(torch.tensor(u["loss"])) for u in updates)
+    step = read_metrics(tmp_path / "metrics.jsonl", "step")[0]
+    assert {"time/sample", "time/teacher", "time/update", "tokens_per_s", "solve_rate"} <= set(step)
+    model = load_model(final)
+    before = load_model(tiny_models[0])
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
+    assert changed, "training did not change the weights"
+
+
+def test_cli_train_writes_plan_config_metrics_and_model(tiny_models, tmp_path, capsys):
+    student, teacher, data = tiny_models
+    rc = main(["train", f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
+               "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=5",
+               "train.train_steps=2", "train.progress=false", "train.device=cpu", "gate.name=block",
+               f"train.output_dir={tmp_path}"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "resolved plan" in out and "total optimizer updates" in out
+    assert json.loads((tmp_path / "plan.json").read_text())["total_optimizer_updates"] == 4
+    assert (tmp_path / "config.yaml").is_file()
+    assert len(read_metrics(tmp_path / "metrics.jsonl", "step")) == 2
+    tok = load_tokenizer(tmp_path / "final")
+    assert tok.eos_token == "<|im_end|>"
+
+
+def _fixed_batch(tiny_models, cfg):
+    student, teacher, _ = tiny_models
+    tok = load_tokenizer(student)
+    s, t = load_model(student), load_model(teacher)
+    prompts = [tok(f"{i}*{i}=")["input_ids"] for i in range(4)]
+    batch = sample_rollouts(s, prompts, SamplingParams(max_new_tokens=7, samples_per_prompt=2),
+                            eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    return tok, score_with_teacher(t, batch, topk=4)
+
+
+@pytest.mark.parametrize("loss, gate", [("opd", "block"), ("lsm", "newline"), ("jsd", "none")])
+def test_update_does_not_depend_on_microbatch_size(tiny_models, tmp_path, loss, gate):
+    cfg = _cfg(tiny_models, tmp_path, f"loss.name={loss}", f"gate.name={gate}", "gate.block_size=3",
+               "loss.reduction=seq-mean-token-mean")
+    tok, batch = _fixed_batch(tiny_models, cfg)
+    weights = []
+    for mb in (8, 3, 1):
+        torch.manual_seed(0)
+        model = load_model(tiny_models[0])
+        # drift: perturb the current student so gates differ from 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient itself
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+        spec = build_update_spec(cfg, tok, None)
+        spec.microbatch_size = mb
+        m = run_update(model, opt, sched, batch, spec)
+        assert m["gate_min"] < 0.999 or gate == "none"
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_models, tmp_path, monkeypatch):
+    import opdkit.train.loop as loop
+
+    real = loop.score_with_teacher
+
+    def poisoned(*a, **k):
+        b = real(*a, **k)
+        b.teacher_logp_BT = torch.full_like(b.teacher_logp_BT, float("nan"))
+        return b
+
+    monkeypatch.setattr(loop, "score_with_teacher", poisoned)
+    cfg = _cfg(tiny_models, tmp_path, "train.train_steps=3", "train.max_bad_updates=3")
+    with pytest.raises(TrainingDiverged, match="3 non-finite updates in a row"):
+        train(cfg, print_fn=lambda *a: None)
+    ups = read_metrics(tmp_path / "metrics.jsonl", "update")
+    assert [u["skipped"] for u in ups] == [1.0, 1.0, 1.0]
+
+
+def test_lora_run_saves_a_merged_model(tiny_models, tmp_path):
+    cfg = _cfg(tiny_models, tmp_path, "model.lora_r=4", "model.lora_target_modules=[q_proj, v_proj]")
+    final = train(cfg, print_fn=lambda *a: None)
+    model = load_model(final)
+    assert not any("lora" in n for n in model.state_dict())
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
