@@ -4,6 +4,7 @@ Every process builds the same batch (seeded sampling) and the same drifted stude
 rows, and runs ``run_update`` with the accelerate world; rank 0 saves the updated weights.
 """
 
+import faulthandler
 import sys
 
 import torch
@@ -17,8 +18,6 @@ from opdkit.rollout.teacher import score_with_teacher
 from opdkit.train.loop import build_update_spec
 from opdkit.train.update import run_update
 
-
-import faulthandler
 faulthandler.dump_traceback_later(240, exit=True)  # never hang CI
 
 

@@ -17,7 +17,8 @@ from opdkit.train.checkpoint import latest_checkpoint
 def _cmd(tiny_models, out, *extra):
     student, teacher, data = tiny_models
     return [sys.executable, "-m", "opdkit.cli.main", "train", f"model.student={student}", f"model.teacher={teacher}",
-            f"data.train_file={data}", "data.prompt_template={problem}", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+            f"data.train_file={data}", "data.prompt_template={problem}",
+            "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
             "rollout.max_new_tokens=6", "train.train_steps=5", "train.save_every_steps=1", "train.threads=1",
             "train.progress=false", "train.device=cpu", "optim.lr=1e-3", "gate.name=block", "gate.block_size=2",
             "train.keep_checkpoints=2", f"train.output_dir={out}", *extra]

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from opdkit.rollout.teacher import score_with_teacher
 
 from opdkit.cli.main import main
 from opdkit.config import load_config
 from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.rollout.teacher import score_with_teacher
 from opdkit.train.loop import TrainingDiverged, build_update_spec, train
 from opdkit.train.telemetry import read_metrics
 from opdkit.train.update import run_update
@@ -20,7 +20,8 @@ def _cfg(tiny_models, out, *extra):
     student, teacher, data = tiny_models
     return load_config(None, [
         f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
-        "data.max_prompt_tokens=64", "data.prompt_template={problem}", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+        "data.max_prompt_tokens=64", "data.prompt_template={problem}",
+        "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=6", "rollout.reward=math", "loss.topk=4", "train.train_steps=1",
         "train.rollout_passes=2", "train.microbatch_size=3", "train.progress=false", "train.save_every_steps=0",
         "optim.lr=1e-3", "train.device=cpu", f"train.output_dir={out}", *extra])

@@ -56,7 +56,8 @@ class DataConfig:
     hf_split: str = F("train", "split of hf_dataset")
     problem_field: str = F("problem", "field holding the problem text")
     answer_field: str = F("answer", "field holding the reference answer")
-    prompt_template: str = F(QWEN_MATH_TEMPLATE, "prompt text; {problem} is replaced by the problem (other braces are literal)")
+    prompt_template: str = F(QWEN_MATH_TEMPLATE, "prompt text; {problem} is replaced by the problem "
+                                                     "(other braces are literal)")
     chat_template: bool = F(True, "wrap the prompt in the tokenizer's chat template when it has one")
     max_prompt_tokens: int = F(1024, "prompts longer than this many tokens are dropped (and counted)")
     shuffle: bool = F(True, "shuffle prompts each epoch (seeded)")
@@ -87,8 +88,18 @@ class LossConfig:
     special_tokens: list = F([], "mask the first occurrence of each of these tokens per response (§2.4; "
                                  "paper: ['<', 'think', '<|im_end|>'])")
     advantage: str = F("plain", "opd advantage: plain (log q − log π_old) or sign_gated (SG-OPD §5.1)")
-    sign_lam: float = F(1.8, "SG-OPD λ on tokens where teacher and verifier agree")
-    sign_beta: float = F(1.0, "SG-OPD β toward the verifier advantage where they disagree")
+
+
+@dataclass
+class SGConfig:
+    lam: float = F(1.8, "SG-OPD λ: advantage scale where teacher and verifier agree in sign (§5.1)")
+    beta: float = F(1.0, "SG-OPD β: interpolation toward the verifier advantage where they disagree")
+    baseline: str = F("group_mean", "verifier advantage baseline: group_mean (R − mean of its group) or none")
+    phase_steps: int = F(-1, "rollout steps of phased teacher sampling (§5.2); -1 = 20% of train.train_steps "
+                             "when loss.advantage = sign_gated, else 0")
+    teacher_samples_per_prompt: int = F(2, "teacher responses sampled per prompt during the phase")
+    alpha: float = F(1.0, "initial weight of the token-mean NLL on endorsed teacher responses (decays "
+                          "linearly to 0 at the end of the phase)")
 
 
 @dataclass
@@ -142,6 +153,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    sg: SGConfig = field(default_factory=SGConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -155,6 +167,7 @@ CHOICES = {
     "loss.advantage": ("plain", "sign_gated"),
     "gate.name": ("none", "token", "block", "newline", "sequence"),
     "gate.normalize": ("batch", "sequence"),
+    "sg.baseline": ("group_mean", "none"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -165,7 +178,7 @@ POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.m
             "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints"]
 NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "model.lora_r", "gate.tau", "gate.newline_min_len",
                "optim.weight_decay", "optim.warmup_updates", "train.save_every_steps", "train.threads",
-               "loss.clip_eps", "loss.sign_beta"]
+               "loss.clip_eps", "sg.beta", "sg.alpha", "sg.lam"]
 
 
 def _get(cfg: Config, dotted: str):
@@ -196,6 +209,10 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
         raise ConfigError("loss.reduction = constant needs loss.reduction_constant > 0 (e.g. max_new_tokens)")
     if cfg.loss.advantage == "sign_gated" and (cfg.loss.name != "opd" or cfg.rollout.reward == "none"):
         raise ConfigError("loss.advantage = sign_gated needs loss.name = opd and a rollout.reward verifier")
+    if cfg.sg.phase_steps < -1 or cfg.sg.teacher_samples_per_prompt < 1:
+        raise ConfigError("sg.phase_steps must be >= -1 (-1 = auto) and sg.teacher_samples_per_prompt >= 1")
+    if phase_steps(cfg) > 0 and cfg.rollout.reward == "none":
+        raise ConfigError("sg.phase_steps > 0 needs a rollout.reward verifier to endorse teacher responses")
     rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     if rows % cfg.train.minibatches_per_pass:
         raise ConfigError(f"train.minibatches_per_pass = {cfg.train.minibatches_per_pass} must divide the "
@@ -213,6 +230,13 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
 
 class _Raw(str):
     """A command-line override value: kept verbatim for str fields, read as YAML for the others."""
+
+
+def phase_steps(cfg: Config) -> int:
+    """Resolved number of phased-teacher-sampling rollout steps (§5.2)."""
+    if cfg.sg.phase_steps >= 0:
+        return cfg.sg.phase_steps
+    return round(0.2 * cfg.train.train_steps) if cfg.loss.advantage == "sign_gated" else 0
 
 
 def _coerce(value: Any, tp: Any, key: str):

@@ -24,7 +24,9 @@ class RolloutBatch:
     group_ids_B: rows sampled from the same prompt share an id; prompt_index_B: row of the data set.
     stop_reasons: "eos" or "length" per row.
     Teacher fields (filled by teacher scoring): teacher_logp_BT, teacher_lse_BT, teacher_topk_ids_BTK,
-    teacher_topk_logits_BTK. rewards_B: verifier rewards (0/1) when computed. answers: reference answers.
+    teacher_topk_logits_BTK. rewards_B: verifier rewards (0/1) when computed. advantage_BT: an advantage that
+    replaces ``log q − log π_old`` in the OPD surrogate (SG-OPD §5.1), computed once per rollout batch
+    because it needs whole prompt groups. answers: reference answers.
     """
 
     prompt_ids_BP: torch.Tensor
@@ -40,6 +42,7 @@ class RolloutBatch:
     teacher_topk_ids_BTK: torch.Tensor | None = None
     teacher_topk_logits_BTK: torch.Tensor | None = None
     rewards_B: torch.Tensor | None = None
+    advantage_BT: torch.Tensor | None = None
     answers: list[str] = field(default_factory=list)
 
     @property

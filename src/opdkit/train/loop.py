@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opdkit.config import Config, save_config, to_dict
+from opdkit.config import Config, phase_steps, save_config, to_dict
 from opdkit.data import PromptSource, load_problems
 from opdkit.gates.registry import SegmentParams, get_segmenter
 from opdkit.losses.registry import LossHParams, get_loss
@@ -26,6 +26,7 @@ from opdkit.rollout.teacher import score_with_teacher
 from opdkit.train import checkpoint as ckpt
 from opdkit.train.plan import check_world, format_plan, resolve_plan
 from opdkit.train.rewards import get_reward
+from opdkit.train.sg_opd import alpha_at, apply_sign_gate, teacher_phase
 from opdkit.train.telemetry import MetricsLogger
 from opdkit.train.update import UpdateSpec, run_update
 
@@ -74,7 +75,7 @@ def _special_ids(tok, tokens: list[str]) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def build_update_spec(cfg: Config, tok, vocab_limit: int | None, advantage_fn=None) -> UpdateSpec:
+def build_update_spec(cfg: Config, tok, vocab_limit: int | None) -> UpdateSpec:
     """Resolve the registries and hyper-parameters once (the trainer never branches on names)."""
     return UpdateSpec(
         loss=get_loss(cfg.loss.name),
@@ -92,7 +93,7 @@ def build_update_spec(cfg: Config, tok, vocab_limit: int | None, advantage_fn=No
         tau=cfg.gate.tau, gate_scope=cfg.gate.normalize,
         special_token_ids=_special_ids(tok, cfg.loss.special_tokens),
         microbatch_size=cfg.train.microbatch_size, chunk_size=cfg.train.logprob_chunk_size,
-        vocab_limit=vocab_limit, max_grad_norm=cfg.optim.max_grad_norm, advantage_fn=advantage_fn,
+        vocab_limit=vocab_limit, max_grad_norm=cfg.optim.max_grad_norm,
     )
 
 
@@ -182,6 +183,12 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
         bar = tqdm(total=cfg.train.train_steps, initial=start_step, desc="opd", unit="step", dynamic_ncols=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     rows_pp = cfg.rollout.prompts_per_step // world * cfg.rollout.samples_per_prompt
+    n_phase = phase_steps(cfg)
+
+    def decode(b) -> list[str]:
+        return tok.batch_decode([r[m.bool()].tolist() for r, m in zip(b.response_ids_BT, b.response_mask_BT)],
+                                skip_special_tokens=True)
+
     update_idx = start_step * plan["optimizer_updates_per_rollout_step"]
 
     for step in range(start_step, cfg.train.train_steps):
@@ -194,16 +201,24 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
                                     group_offset=(step * world + rank) * len(pos),
                                     answers=[source.answers[i] for i in pos])
         t1 = time.perf_counter()
-        texts = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(batch.response_ids_BT,
-                                                                         batch.response_mask_BT)],
-                                 skip_special_tokens=True)
         if reward_fn is not None:
-            batch.rewards_B = torch.tensor(reward_fn(texts, batch.answers), dtype=torch.float32, device=device)
+            batch.rewards_B = torch.tensor(reward_fn(decode(batch), batch.answers), dtype=torch.float32,
+                                           device=device)
         t2 = time.perf_counter()
         with autocast:
             batch = score_with_teacher(teacher, batch, topk=cfg.loss.topk if spec.loss.needs_support else 0,
                                        microbatch_size=cfg.train.teacher_microbatch_size,
                                        chunk_size=cfg.train.logprob_chunk_size, vocab_limit=vocab)
+        sg_rec, sft, alpha = {}, None, alpha_at(step, n_phase, cfg.sg.alpha)
+        if cfg.loss.advantage == "sign_gated":
+            batch, sg_rec = apply_sign_gate(batch, lam=cfg.sg.lam, beta=cfg.sg.beta, baseline=cfg.sg.baseline)
+        if step < n_phase:
+            with autocast:
+                sft, counts = teacher_phase(
+                    teacher, [source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
+                    samples_per_prompt=cfg.sg.teacher_samples_per_prompt, sampling=sampling, eos_token_ids=eos_ids,
+                    pad_token_id=tok.pad_token_id, generator=generator, decode=decode, reward_fn=reward_fn)
+            sg_rec.update(counts, sg_alpha=alpha)
         t3 = time.perf_counter()
         upd = []
         for p in range(cfg.train.rollout_passes):
@@ -213,7 +228,7 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
             for j in range(cfg.train.minibatches_per_pass):
                 with autocast:
                     m = run_update(student, optimizer, scheduler, batch.select(order[j * size:(j + 1) * size]),
-                                   spec, world=acc)
+                                   spec, world=acc, sft_batch=sft, sft_weight=alpha)
                 update_idx += 1
                 bad_streak = bad_streak + 1 if m["skipped"] else 0
                 logger.log("update", {"step": step, "update": update_idx, "pass": p, **m}, step=update_idx)
@@ -233,7 +248,7 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
                "stop_length": batch.stop_reasons.count("length") / max(1, batch.size),
                "solve_rate": solve, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2,
                "time/update": t4 - t3, "time/step": t4 - t0, "tokens_per_s": gen_tokens / max(t4 - t0, 1e-9),
-               "skipped_updates": sum(u["skipped"] for u in upd)}
+               "skipped_updates": sum(u["skipped"] for u in upd), **sg_rec}
         logger.log("step", rec, step=update_idx)
         if bar is not None:
             bar.update(1)

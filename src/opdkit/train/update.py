@@ -9,7 +9,6 @@ denominator, so the update depends neither on ``microbatch_size`` nor on the num
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +21,6 @@ from opdkit.losses.reduction import loss_denominator, loss_numerator, reduction_
 from opdkit.losses.registry import LossHParams, LossInputs, LossSpec
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.scoring import response_logprobs
-
-# advantage_fn(micro_batch, mask_BT) -> advantage_BT or None (plain OPD advantage)
-AdvantageFn = Callable[[RolloutBatch, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -44,7 +40,6 @@ class UpdateSpec:
     chunk_size: int = 1024
     vocab_limit: int | None = None
     max_grad_norm: float = 1.0
-    advantage_fn: AdvantageFn | None = None
 
 
 # metric sums aggregated over micro-batches and processes (divided once at the end)
@@ -71,7 +66,7 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
     gather = micro.teacher_topk_ids_BTK if spec.loss.needs_support else None
     out = response_logprobs(model, micro, gather_ids_BTK=gather, chunk_size=spec.chunk_size,
                             vocab_limit=spec.vocab_limit)
-    advantage = spec.advantage_fn(micro, mask) if spec.advantage_fn is not None else None
+    advantage = micro.advantage_BT  # SG-OPD's gated advantage (§5.1) when set, else the plain one
     x = LossInputs(mask_BT=mask, logp_BT=out.logp_BT, logp_old_BT=micro.logp_old_BT,
                    logp_teacher_BT=micro.teacher_logp_BT, student_support_logits_BTK=out.gathered_logits_BTK,
                    student_lse_BT=out.lse_BT, teacher_support_logits_BTK=micro.teacher_topk_logits_BTK,
@@ -101,14 +96,41 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
     return num, mask, gate, m
 
 
-def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpec, *, world=None) -> dict:
+def _nll_grads(model, sft: RolloutBatch, weight: float, spec: UpdateSpec, world) -> tuple[list, float]:
+    """Gradients of ``weight ·`` token-mean NLL of ``sft`` responses (SG-OPD §5.2), summed over processes.
+
+    Returns (per-parameter gradients, NLL value). The token count is global, so the term, like the OPD
+    loss, does not depend on micro-batching or the number of processes.
+    """
+    stats = _all_reduce(reduction_stats(sft.response_mask_BT).to(_device(model)), "sum", world).cpu()
+    den = float(loss_denominator(stats, "token-mean"))
+    nll_sum = 0.0
+    for s in range(0, sft.size, spec.microbatch_size):
+        micro = sft.select(list(range(s, min(s + spec.microbatch_size, sft.size))))
+        logp = response_logprobs(model, micro, chunk_size=spec.chunk_size, vocab_limit=spec.vocab_limit).logp_BT
+        num = -loss_numerator(logp, micro.response_mask_BT, "token-mean")
+        (num * (weight / den)).backward()
+        nll_sum += float(num.detach())
+    grads = [None if p.grad is None else _all_reduce(p.grad, "sum", world) for p in model.parameters()]
+    nll = _all_reduce(torch.tensor(nll_sum, device=_device(model)), "sum", world).item() / den
+    return grads, nll
+
+
+def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpec, *, world=None,
+               sft_batch: RolloutBatch | None = None, sft_weight: float = 0.0) -> dict:
     """Accumulate gradients over micro-batches, divide by the global denominator, clip, step.
 
-    Returns metrics (floats). ``metrics["skipped"]`` is 1.0 when the loss or gradient was non-finite;
-    then the parameters and the optimizer state are left unchanged.
+    ``sft_batch`` / ``sft_weight``: verifier-endorsed teacher responses added through a token-mean NLL
+    term of that weight (SG-OPD phased teacher sampling, §5.2); they never enter the OPD terms (no
+    behaviour log-probs, no gate). Returns metrics (floats). ``metrics["skipped"]`` is 1.0 when the loss
+    or gradient was non-finite; then the parameters and the optimizer state are left unchanged.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    sft_grads, nll = None, 0.0
+    if sft_batch is not None and sft_batch.size and sft_weight > 0:
+        sft_grads, nll = _nll_grads(model, sft_batch, sft_weight, spec, world)
+        optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(3, dtype=torch.float64)
     sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
     gmin, gmax = torch.tensor(math.inf), torch.tensor(-math.inf)
@@ -128,11 +150,16 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
     gmax = _all_reduce(gmax.to(_device(model)), "max", world).item()
     weighted = spec.segmenter is not None and spec.gate_scope == "batch"
     den = loss_denominator(stats, spec.reduction, constant=spec.reduction_constant, weighted=weighted)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = _all_reduce(p.grad, "sum", world)
+            p.grad.div_(den.to(p.grad.device, p.grad.dtype))
+    if sft_grads is not None:
+        for p, g in zip(model.parameters(), sft_grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    for p in params:
-        p.grad = _all_reduce(p.grad, "sum", world)
-        p.grad.div_(den.to(p.grad.device, p.grad.dtype))
-    loss = vals["loss_num"] / float(den)
+    loss = vals["loss_num"] / float(den) + sft_weight * nll
     max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -150,7 +177,7 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
         "gate_mean": gate_mean, "gate_std": math.sqrt(max(vals["gate_sq"] / n - gate_mean**2, 0.0)),
         "gate_min": gmin if math.isfinite(gmin) else 0.0, "gate_max": gmax if math.isfinite(gmax) else 0.0,
         "sampled_rkl": vals["rkl"] / n, "response_len": vals["resp_len"] / max(vals["seqs"], 1.0),
-        "tokens": vals["tokens"],
+        "tokens": vals["tokens"], "teacher_nll": nll, "teacher_nll_weight": sft_weight if sft_grads else 0.0,
     }
 
 
