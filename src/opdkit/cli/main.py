@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opdkit {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as e:  # our clear, user-facing errors
+        print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
