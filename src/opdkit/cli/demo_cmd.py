@@ -1,0 +1,78 @@
+"""``opdkit demo``: the CPU miniature of the six-variant benchmark (no download), and ``opdkit demo prepare``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the CPU miniature benchmark (six OPD variants, pass@8 table)",
+                       description="Distil the shipped tiny teacher into the shipped cold-start student with "
+                                   "each variant under the same budget, evaluate pass@1 / pass@8 on four held-out "
+                                   "synthetic benchmarks of increasing horizon, and write the report.")
+    p.add_argument("action", nargs="?", default="run", choices=["run", "prepare"],
+                   help="run (default) or prepare: rebuild the tiny teacher and student by SFT")
+    p.add_argument("--preset", default="default", help="default, quick, fragile")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick (a smoke run, ~3 minutes)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per variant (mean ± std, collapses counted)")
+    p.add_argument("--jobs", type=int, default=2, help="jobs in parallel, one thread each")
+    p.add_argument("--variants", default="", help="comma-separated subset (default: the preset's)")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--from-scratch", action="store_true", help="rebuild the checkpoints first (~10 min)")
+    p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
+                                                "shipped checkpoints")
+    p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
+
+
+def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
+    from opdkit.tasks.prepare import prepare_miniature
+
+    report = prepare_miniature(out)
+    print_fn(json.dumps(report, indent=1)[:2000])
+    return out / "student", out / "teacher"
+
+
+def run(args) -> int:
+    from opdkit.demo.presets import VARIANTS, get_preset
+    from opdkit.demo.runner import collapse_summary, run_all, shipped_models
+    from opdkit.eval.report import comparison_table, load_run, to_markdown, write_report
+    from opdkit.tasks.chain import make_train_prompts, write_jsonl
+
+    out = Path(args.out)
+    if args.action == "prepare":
+        _prepare(out / "models")
+        return 0
+    preset = get_preset("quick" if args.quick else args.preset)
+    t0 = time.perf_counter()
+    if args.from_scratch:
+        student, teacher = _prepare(out / "models")
+    else:
+        student, teacher = shipped_models(Path(args.models) if args.models else None)
+    data = write_jsonl(make_train_prompts(args.train_prompts, seed=0), out / "data" / "train.jsonl")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or list(preset.variants)
+    print(f"opdkit demo — preset {preset.name}: {preset.description}\n  variants: "
+          + ", ".join(VARIANTS[v][0] for v in variants if v in VARIANTS)
+          + f"\n  seeds: {args.seeds}, jobs in parallel: {args.jobs}, student: {student}, teacher: {teacher}"
+          + f"\n  eval: {preset.eval_problems} problems x {preset.eval_n} samples on {', '.join(preset.benchmarks)}")
+    runs = run_all(preset, out=out, seeds=args.seeds, jobs=args.jobs, variants=variants, student=student,
+                   teacher=teacher, data=data)
+    order = ["base"] + [f"{v}-seed{s}" for v in variants for s in range(args.seeds)] + ["teacher"]
+    records = [load_run(runs[k] / "eval") for k in order]
+    for k, r in zip(order, records):  # training curves live next to the eval dir
+        m = runs[k] / "metrics.jsonl"
+        r.metrics_path = m if m.is_file() else None
+    paths = write_report(records, out / "report", metric=f"pass@{preset.eval_n}", group_seeds=True,
+                         title=f"opdkit demo ({preset.name})")
+    collapse = collapse_summary(runs, f"pass@{preset.eval_n}")
+    (out / "report" / "collapse.json").write_text(json.dumps(collapse, indent=1))
+    wall = time.perf_counter() - t0
+    for metric in ("pass@1", f"pass@{preset.eval_n}"):
+        header, rows = comparison_table(records, metric=metric, group_seeds=True)
+        print(f"\n{metric} (%), {preset.eval_n} samples per problem:\n" + to_markdown(header, rows))
+    print("\ncollapsed runs (mean pass@8 below half the base student's "
+          f"{100 * collapse['base_mean']:.1f}%): " + ", ".join(
+              f"{VARIANTS[n][0]} {v['collapsed']}/{v['runs']}" for n, v in collapse["variants"].items()))
+    print(f"\nwall time {wall / 60:.1f} min; report: " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,72 @@
+"""The CPU miniature benchmark: variants and presets (a faithful miniature of methods.md §4).
+
+Every variant trains the same shipped student with the same budget; only the loss / gate / advantage
+differ. Block and newline sizes are scaled to the miniature: a solution line is 10 tokens and a k = 12
+trace 131 tokens (the paper: Block-64 on responses of thousands of tokens), so Block uses 16 tokens
+(about 1.5 lines) and NewlineSpan merges spans under 8 tokens, splits spans over 32, and falls back to
+Block-16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MINI_GATE = ["gate.block_size=16", "gate.newline_min_len=8", "gate.newline_max_len=32",
+             "gate.newline_fallback=16"]
+
+# name -> (label in tables, overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "opd": ("OPD", ["loss.name=opd", "gate.name=none"]),
+    "opd_block": ("OPD+Block16", ["loss.name=opd", "gate.name=block"]),
+    "opd_newline": ("OPD+NewlineSpan", ["loss.name=opd", "gate.name=newline"]),
+    "lsm": ("LSM", ["loss.name=lsm", "gate.name=none"]),
+    "lsm_block": ("LSM+Block16", ["loss.name=lsm", "gate.name=block"]),
+    "lsm_newline": ("LSM+NewlineSpan", ["loss.name=lsm", "gate.name=newline"]),
+    "sg_opd": ("SG-OPD", ["loss.name=opd", "gate.name=none", "loss.advantage=sign_gated"]),
+    "sg_opd_block": ("SG-OPD+Block16", ["loss.name=opd", "gate.name=block", "loss.advantage=sign_gated"]),
+}
+SIX = ["opd", "opd_block", "opd_newline", "lsm", "lsm_block", "lsm_newline"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Budget of one demo run. Counts name their unit."""
+
+    name: str
+    train: list[str] = field(default_factory=list)  # trainer overrides shared by every variant
+    variants: tuple[str, ...] = tuple(SIX)
+    eval_problems: int = 64  # problems per held-out benchmark
+    eval_n: int = 8  # samples per problem (pass@1, pass@8)
+    benchmarks: tuple[str, ...] = ("chain8", "chain12", "chain16", "chain24")
+    description: str = ""
+
+
+_COMMON = ["rollout.samples_per_prompt=4", "rollout.max_new_tokens=300", "rollout.reward=chain",
+           "rollout.top_p=0.9", "loss.topk=8", "train.microbatch_size=16", "train.teacher_microbatch_size=16",
+           "train.save_every_steps=0", "train.threads=1", "train.device=cpu", "optim.max_grad_norm=1.0",
+           "data.prompt_template={problem}\n", "data.chat_template=false", "data.max_prompt_tokens=128",
+           *MINI_GATE]
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        "default", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=60", "train.rollout_passes=2",
+                    "optim.lr=1e-3"],
+        variants=(*SIX, "sg_opd", "sg_opd_block"),
+        description="60 rollout steps of 8 prompts x 4 samples, 2 passes per rollout batch, lr 1e-3"),
+    "quick": Preset(
+        "quick", [*_COMMON, "rollout.prompts_per_step=4", "train.train_steps=4", "train.rollout_passes=2",
+                  "optim.lr=1e-3"],
+        eval_problems=8, description="smoke run: 4 rollout steps, 8 problems per benchmark"),
+    "fragile": Preset(
+        "fragile", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=60", "train.rollout_passes=4",
+                    "optim.lr=1e-2"],
+        variants=("opd", "opd_block", "opd_newline"),
+        description="the fragile regime: lr 1e-2 (10x) and 4 passes per rollout batch"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown demo preset {name!r}; valid: {', '.join(PRESETS)}") from None
