@@ -65,9 +65,12 @@ def test_paper_configs_validate_and_dry_run(path, capsys):
     assert "total optimizer updates              400" in out
 
 
-def test_six_paper_variants():
-    names = {(load_config(p).loss.name, load_config(p).gate.name) for p in PAPER}
-    assert names == {(l, g) for l in ("opd", "lsm") for g in ("none", "block", "newline")}
+def test_six_paper_variants_and_sg_opd():
+    cfgs = [load_config(p) for p in PAPER]
+    plain = {(c.loss.name, c.gate.name) for c in cfgs if c.loss.advantage == "plain"}
+    assert plain == {(l, g) for l in ("opd", "lsm") for g in ("none", "block", "newline")}
+    sg = {(c.gate.name, c.sg.phase_steps, c.sg.lam) for c in cfgs if c.loss.advantage == "sign_gated"}
+    assert sg == {("none", 40, 1.8), ("block", 40, 1.8)}
 
 
 def test_cli_reports_config_errors(capsys):
