@@ -31,3 +31,23 @@ def test_two_processes_equal_one(tiny_models, tmp_path, loss, gate, reduction):
     assert abs(float(out1.split()[1])) > 1e-6  # a real, non-zero loss was optimized
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_opdkit_train_under_torchrun_two_processes(tiny_models, tmp_path):
+    student, teacher, data = tiny_models
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "opdkit.cli.main", "train", f"model.student={student}", f"model.teacher={teacher}",
+           f"data.train_file={data}", "data.prompt_template={problem}", "rollout.prompts_per_step=4",
+           "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "train.train_steps=2",
+           "train.save_every_steps=1", "train.progress=false", "train.device=cpu", "gate.name=block",
+           f"train.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("resolved plan") == 1  # printed by rank 0 only
+    assert '"processes": 2' in (tmp_path / "plan.json").read_text()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "step"' in line for line in lines) == 2
+    assert (tmp_path / "checkpoints" / "step_000001" / "rank1.pt").is_file()
+    assert (tmp_path / "final" / "model.safetensors").is_file()
