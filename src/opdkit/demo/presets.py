@@ -49,19 +49,19 @@ _COMMON = ["rollout.samples_per_prompt=4", "rollout.max_new_tokens=300", "rollou
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        "default", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=60", "train.rollout_passes=2",
-                    "optim.lr=1e-3"],
-        variants=(*SIX, "sg_opd", "sg_opd_block"),
-        description="60 rollout steps of 8 prompts x 4 samples, 2 passes per rollout batch, lr 1e-3"),
+        "default", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=40", "train.rollout_passes=2",
+                    "optim.lr=5e-4"],
+        variants=(*SIX, "sg_opd", "sg_opd_block"), eval_problems=32,
+        description="40 rollout steps of 8 prompts x 4 samples, 2 passes per rollout batch, lr 5e-4"),
     "quick": Preset(
         "quick", [*_COMMON, "rollout.prompts_per_step=4", "train.train_steps=4", "train.rollout_passes=2",
-                  "optim.lr=1e-3"],
+                  "optim.lr=5e-4"],
         eval_problems=8, description="smoke run: 4 rollout steps, 8 problems per benchmark"),
     "fragile": Preset(
-        "fragile", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=60", "train.rollout_passes=4",
-                    "optim.lr=1e-2"],
-        variants=("opd", "opd_block", "opd_newline"),
-        description="the fragile regime: lr 1e-2 (10x) and 4 passes per rollout batch"),
+        "fragile", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=40", "train.rollout_passes=4",
+                    "optim.lr=5e-3"],
+        variants=("opd", "opd_block", "opd_newline"), eval_problems=32,
+        description="the fragile regime: lr 5e-3 (10x the default) and 4 passes per rollout batch"),
 }
 
 

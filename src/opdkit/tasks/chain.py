@@ -1,0 +1,256 @@
+"""A synthetic, exactly verifiable, long-horizon task for the CPU miniature: modular op chains.
+
+A problem is a start value and a chain of ``k`` operations on a state modulo 100, each operation tagged
+by a letter (``a``, ``b``, ... in order)::
+
+    problem:   37 +5a *3b -7c
+    solution:  37 a+5=42
+               42 b*3=26
+               26 c-7=19
+               answer: 19
+
+Each solution line has a fixed width of 10 characters (9 + newline): the previous state (2 digits,
+zero padded), a space, the tagged operation exactly as written in the prompt (letter, op, operand
+``d`` in 2..9), ``=`` and the new state (2 digits).
+The trace ends with ``answer: NN`` (no trailing newline; the model emits eos after it). For ``k``
+steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
+separated by newlines, which is what the NewlineSpan gate segments on.
+
+Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
+by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step almost always ruins the answer, so
+accuracy falls geometrically with ``k``.
+
+Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
+Python versions):
+
+* benchmarks ``chain8`` / ``chain12`` / ``chain16`` / ``chain24`` (playing MATH500 / AMC23 / AIME24 /
+  AIME25): ``k`` fixed, ``BENCHMARK_SIZE`` rows each, stream ``"opdkit-chain-bench-{k}-{seed}"``;
+* training prompts: ``k`` uniform in ``TRAIN_K_RANGE`` = [4, 24] (inclusive), stream
+  ``"opdkit-chain-train-{seed}"``; any problem text that occurs in a benchmark (default seed) is
+  rejected, so training and held-out prompts are disjoint by construction.
+
+Prompts are plain text: ``format_prompt(problem) = problem + "\\n"`` (no chat template); the shipped
+miniature checkpoints are trained on exactly that format.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+MOD = 100
+OPS = "+-*"
+DIGITS = tuple(range(2, 10))
+LETTERS = string.ascii_lowercase  # one tag per step: k <= 26
+MAX_K = len(LETTERS)
+LINE_WIDTH = 10  # "37 a+5=42\n"
+ANSWER_PREFIX = "answer: "
+
+TRAIN_K_RANGE = (4, 24)
+BENCHMARK_KS = {"chain8": 8, "chain12": 12, "chain16": 16, "chain24": 24}
+BENCHMARK_ROLE = {"chain8": "MATH500", "chain12": "AMC23", "chain16": "AIME24", "chain24": "AIME25"}
+BENCHMARK_SIZE = 64
+BENCHMARK_SEED = 0
+
+# Exactly the characters a prompt or a trace can contain.
+ALPHABET = string.digits + LETTERS + OPS + "=: \n"
+
+import os
+TAG_FIRST = os.environ.get("OPDKIT_TAG_FIRST", "1") == "1"
+_GROUP = r"[a-z][+\-*]\d" if TAG_FIRST else r"[+\-*]\d[a-z]"
+_PROBLEM_RE = re.compile(r"^(\d{1,2})((?: " + _GROUP + r")+)$")
+_OP_RE = re.compile(r" (" + _GROUP + r")")
+_ANSWER_RE = re.compile(r"^\s*answer:\s*(-?\d+)\s*$", re.MULTILINE)
+
+
+def apply_op(x: int, op: str, d: int) -> int:
+    """One step of the chain: ``(x op d) mod 100``."""
+    if op == "+":
+        return (x + d) % MOD
+    if op == "-":
+        return (x - d) % MOD
+    if op == "*":
+        return (x * d) % MOD
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _group(i: int, op: str, d: int) -> str:
+    return f"{LETTERS[i]}{op}{d}" if TAG_FIRST else f"{op}{d}{LETTERS[i]}"
+
+
+def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | None = None) -> str:
+    """``start``, ``[(op, d), ...]`` (op ``i`` is tagged ``LETTERS[i]``) and the order in which the
+    tagged ops are listed (default: in sequence) -> e.g. ``"37 b*3 a+5 c-7"``."""
+    if not 1 <= len(ops) <= MAX_K:
+        raise ValueError(f"need 1..{MAX_K} ops, got {len(ops)}")
+    order = list(range(len(ops))) if order is None else list(order)
+    if sorted(order) != list(range(len(ops))):
+        raise ValueError(f"order must be a permutation of 0..{len(ops) - 1}")
+    return f"{start:02d}" + "".join(f" {_group(i, *ops[i])}" for i in order)
+
+
+def random_problem(rng: random.Random, k: int, shuffle: bool = True) -> str:
+    """A random problem text with ``k`` ops (listed in a random order when ``shuffle``)."""
+    start = rng.randrange(MOD)
+    ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
+    order = rng.sample(range(k), k) if shuffle else None
+    return format_problem(start, ops, order)
+
+
+def parse_problem(problem: str) -> tuple[int, list[tuple[str, int]]]:
+    """Inverse of :func:`format_problem`: ``(start, ops in tag order)``; ``ValueError`` if malformed
+    (including tags that are not exactly ``a``, ``b``, ... once each)."""
+    text = problem.strip()
+    m = _PROBLEM_RE.match(text)
+    if not m:
+        raise ValueError(f"not a chain problem: {problem!r}")
+    found = {}
+    for g in _OP_RE.findall(m.group(2)):
+        letter, op, d = (g[0], g[1], g[2]) if TAG_FIRST else (g[2], g[0], g[1])
+        if letter in found:
+            raise ValueError(f"tag {letter!r} used twice in {problem!r}")
+        found[letter] = (op, int(d))
+    if sorted(found) != list(LETTERS[:len(found)]):
+        raise ValueError(f"tags must be a..{LETTERS[len(found) - 1]}, got {''.join(sorted(found))!r}")
+    return int(m.group(1)) % MOD, [found[c] for c in LETTERS[:len(found)]]
+
+
+def format_prompt(problem_text: str) -> str:
+    """The plain prompt the models see: the problem text and a newline (no chat template)."""
+    return problem_text.strip() + "\n"
+
+
+def solve(problem: str) -> str:
+    """The reference chain of thought for a problem text (one fixed-width line per step)."""
+    x, ops = parse_problem(problem)
+    lines = []
+    for i, (op, d) in enumerate(ops):
+        y = apply_op(x, op, d)
+        lines.append(f"{x:02d} {LETTERS[i]}{op}{d}={y:02d}")
+        x = y
+    lines.append(f"{ANSWER_PREFIX}{x:02d}")
+    return "\n".join(lines)
+
+
+def answer_of(problem: str) -> str:
+    """The reference answer (two digits, zero padded)."""
+    x, ops = parse_problem(problem)
+    for op, d in ops:
+        x = apply_op(x, op, d)
+    return f"{x:02d}"
+
+
+def trace_length(k: int) -> int:
+    """Characters (= tokens) of the reference solution for ``k`` steps, without eos."""
+    return LINE_WIDTH * k + len(ANSWER_PREFIX) + 2
+
+
+def grade_chain(response_text: str, answer: str | int) -> int:
+    """1 when the last ``answer: N`` line of the response equals ``answer`` as an integer, else 0.
+
+    Exact: an integer compare of the parsed digits (no eval, no mod); garbage, a missing answer line or
+    an unparsable reference all grade 0.
+    """
+    if not isinstance(response_text, str):
+        return 0
+    found = _ANSWER_RE.findall(response_text)
+    if not found:
+        return 0
+    try:
+        return int(int(found[-1]) == int(str(answer).strip()))
+    except ValueError:
+        return 0
+
+
+class ChainTask:
+    """Problem generator. ``k`` is an int or an inclusive ``(lo, hi)`` range drawn uniformly per problem.
+
+    ``sample_problem(rng)`` -> ``(problem_text, answer_str, solution_text)``; without ``rng`` the task's
+    own stream (seeded by ``seed``) is used. Iterating yields problems from that stream forever.
+    """
+
+    def __init__(self, k: int | tuple[int, int], seed: int | str = 0):
+        lo, hi = (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
+        if not 1 <= lo <= hi <= MAX_K:
+            raise ValueError(f"k must lie in 1..{MAX_K}, got {k!r}")
+        self.k_range = (lo, hi)
+        self.seed = seed
+        self.rng = random.Random(seed if isinstance(seed, str) else f"opdkit-chain-{seed}")
+
+    def sample_problem(self, rng: random.Random | None = None) -> tuple[str, str, str]:
+        rng = rng or self.rng
+        problem = random_problem(rng, rng.randint(*self.k_range))
+        return problem, answer_of(problem), solve(problem)
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        while True:
+            yield self.sample_problem()
+
+
+def make_benchmark(k: int, n: int = BENCHMARK_SIZE, seed: int = BENCHMARK_SEED,
+                   name: str | None = None) -> list[dict]:
+    """``n`` distinct problems with ``k`` steps, rows ``{id, problem, answer, source, k, solution}``."""
+    name = name or f"chain{k}"
+    task = ChainTask(k, seed=f"opdkit-chain-bench-{k}-{seed}")
+    rows, seen = [], set()
+    while len(rows) < n:
+        problem, answer, solution = task.sample_problem()
+        if problem in seen:
+            continue
+        seen.add(problem)
+        rows.append({"id": f"{name}-{len(rows)}", "problem": problem, "answer": answer,
+                     "source": f"opdkit chain k={k} seed={seed}", "k": k, "solution": solution})
+    return rows
+
+
+def benchmarks(n: int = BENCHMARK_SIZE, seed: int = BENCHMARK_SEED) -> dict[str, list[dict]]:
+    """The four held-out benchmarks ``chain8``, ``chain12``, ``chain16``, ``chain24``."""
+    return {name: make_benchmark(k, n, seed, name) for name, k in BENCHMARK_KS.items()}
+
+
+def _held_out_problems() -> set[str]:
+    return {r["problem"] for rows in benchmarks().values() for r in rows}
+
+
+def train_stream(seed: int = 0, k_range: tuple[int, int] = TRAIN_K_RANGE) -> Iterator[tuple[str, str, str]]:
+    """Infinite deterministic stream of training problems, disjoint from the default benchmarks."""
+    held_out = _held_out_problems()
+    task = ChainTask(k_range, seed=f"opdkit-chain-train-{seed}")
+    for item in task:
+        if item[0] not in held_out:
+            yield item
+
+
+def make_train_prompts(n: int, seed: int = 0, k_range: tuple[int, int] = TRAIN_K_RANGE) -> list[dict]:
+    """The first ``n`` training problems as rows with the benchmark schema (for OPD rollouts)."""
+    rows = []
+    for i, (problem, answer, solution) in zip(range(n), train_stream(seed, k_range)):
+        rows.append({"id": f"chain-train-{i}", "problem": problem, "answer": answer,
+                     "source": f"opdkit chain train k={k_range[0]}..{k_range[1]} seed={seed}",
+                     "k": len(parse_problem(problem)[1]), "solution": solution})
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def chain_tokenizer():
+    """Character tokenizer with exactly :data:`ALPHABET` plus the three specials (46 tokens)."""
+    from opdkit.tokenizer import char_tokenizer
+
+    return char_tokenizer(ALPHABET)

@@ -1,0 +1,284 @@
+"""Build the CPU miniature's shipped checkpoints: an SFT teacher and an early-stopped SFT student.
+
+Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
+(solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
+(teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
+(drawn uniformly from ``TRAIN_K_RANGE``), so batches need no padding. The student is stopped early, at
+the start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
+
+    python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
+
+writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokenizer), ``data/`` (the
+four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
+accuracies). Fixed seeds and data order make it reproducible for a given thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from opdkit.models import TinyQwen3Spec
+from opdkit.tasks.chain import (
+    BENCHMARK_KS,
+    BENCHMARK_ROLE,
+    LETTERS,
+    TRAIN_K_RANGE,
+    _held_out_problems,
+    benchmarks,
+    chain_tokenizer,
+    format_prompt,
+    grade_chain,
+    make_train_prompts,
+    random_problem,
+    solve,
+    trace_length,
+    write_jsonl,
+)
+
+VOCAB = 46
+TEACHER_SPEC = TinyQwen3Spec(vocab_size=VOCAB, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                             head_dim=32, intermediate_size=384, max_position_embeddings=1024)
+STUDENT_SPEC = TinyQwen3Spec(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                             head_dim=16, intermediate_size=192, max_position_embeddings=1024)
+TEACHER_STEPS = 700
+STUDENT_STEPS = 1200
+TEACHER_LR, STUDENT_LR = 3e-3, 3e-3
+BATCH_SIZE = 32
+WARMUP = 50
+
+
+def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE):
+    """Deterministic stream of ``[(problem, solution)] * batch_size`` lists sharing one k per batch."""
+    rng = random.Random(f"opdkit-chain-sft-{seed}")
+    held_out = _held_out_problems()
+    while True:
+        import os
+        if os.environ.get("KNEST") == "1":
+            k = rng.randint(k_range[0], rng.randint(*k_range))
+        else:
+            k = rng.randint(*k_range)
+        batch = []
+        while len(batch) < batch_size:
+            problem = random_problem(rng, k)
+            if problem not in held_out:
+                batch.append((problem, solve(problem)))
+        yield batch
+
+
+def encode_batch(tok, batch):
+    """Token ids ``[B, T]`` and labels (-100 on prompt tokens); all items share one length."""
+    ids, labels = [], []
+    for problem, solution in batch:
+        p = tok(format_prompt(problem), add_special_tokens=False).input_ids
+        r = tok(solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids.append(p + r)
+        labels.append([-100] * len(p) + r)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def sft(model, tok, *, steps: int, lr: float, seed: int, batch_size: int = BATCH_SIZE,
+        warmup: int = WARMUP, schedule: str = "cosine", desc: str = "sft", progress: bool = True,
+        eval_every: int = 0, eval_fn=None, k_range=TRAIN_K_RANGE) -> dict:
+    """Teacher-forced CE on response tokens. Returns ``{final_loss, losses (every 50), evals}``."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm gains: no decay towards 0
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    data = train_batches(seed, batch_size, k_range)
+    losses, evals, ema = [], [], None
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        ids, labels = encode_batch(tok, next(data))
+        out = model(input_ids=ids, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss = out.loss.item()
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        if step % 50 == 0 or step == steps - 1:
+            losses.append((step, round(loss, 5)))
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if eval_every and eval_fn and (step + 1) % eval_every == 0:
+            model.eval()
+            evals.append({"step": step + 1, **eval_fn(model)})
+            model.train()
+            bar.write(f"{desc} step {step + 1}: {evals[-1]}")
+    model.eval()
+    return {"final_loss_ema": round(ema, 5), "losses": losses, "evals": evals}
+
+
+@torch.no_grad()
+def generate(model, tok, problems: list[str], *, temperature: float = 0.0, max_new_tokens: int | None = None,
+             batch_size: int = 64, seed: int = 0) -> list[str]:
+    """Batched sampling with the KV cache (``model.generate``); greedy when ``temperature == 0``."""
+    if max_new_tokens is None:
+        max_new_tokens = trace_length(len(LETTERS)) + 10
+    torch.manual_seed(seed)
+    old_side, tok.padding_side = tok.padding_side, "left"
+    outs = []
+    try:
+        for i in range(0, len(problems), batch_size):
+            chunk = [format_prompt(p) for p in problems[i:i + batch_size]]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            kw = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if temperature > 0 \
+                else dict(do_sample=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **kw)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = old_side
+    return outs
+
+
+def evaluate_accuracy(model, tok, rows: list[dict], temperature: float = 0.0, n: int = 1,
+                      seed: int = 0, batch_size: int = 64) -> float:
+    """Mean pass@1 over ``n`` samples per row (``grade_chain`` on the final answer line)."""
+    k = max(len(r["problem"].split()) - 1 for r in rows)
+    problems = [r["problem"] for r in rows for _ in range(n)]
+    answers = [r["answer"] for r in rows for _ in range(n)]
+    texts = generate(model, tok, problems, temperature=temperature, seed=seed, batch_size=batch_size,
+                     max_new_tokens=trace_length(k) + 10)
+    return sum(grade_chain(t, a) for t, a in zip(texts, answers)) / len(texts)
+
+
+def accuracy_table(model, tok, benches: dict[str, list[dict]], *, n_sampled: int = 4, seed: int = 0) -> dict:
+    """Greedy and T=1 pass@1 (``n_sampled`` samples per problem) on every benchmark."""
+    table = {}
+    for name, rows in benches.items():
+        table[name] = {"greedy": round(evaluate_accuracy(model, tok, rows, 0.0, 1, seed), 4),
+                       "t1_pass1": round(evaluate_accuracy(model, tok, rows, 1.0, n_sampled, seed), 4)}
+    return table
+
+
+QK_NORM_GAIN = 2.0
+ROPE_THETA = 1_000_000.0
+
+
+def _build(spec: TinyQwen3Spec, tok, seed: int, qk_gain: float = QK_NORM_GAIN, rope_theta: float = ROPE_THETA):
+    """A fresh tiny Qwen3 (``tiny_qwen3``'s shape and init) with two changes that matter for this task's
+    long-range lookups (attend from step i of the trace to op i of the prompt, by letter):
+
+    * ``rope_theta`` = 1e6 (as in the real Qwen3 models) instead of the config default 1e4: with small
+      heads, 1e4 leaves almost no rotary frequency slow enough for position-independent matching over
+      a few hundred tokens;
+    * q/k RMS-norm gains start at ``qk_gain``: Qwen3 normalises q and k per head, which caps attention
+      logits at ``sqrt(head_dim) * g_q * g_k`` and, with gains of 1, prevents sharp attention.
+
+    The checkpoint is a standard ``Qwen3ForCausalLM``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(qk_gain)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _save(model, tok, path: Path):
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int = TEACHER_STEPS,
+                      student_steps: int = STUDENT_STEPS, threads: int = 2, progress: bool = True,
+                      n_sampled: int = 4, n_train_prompts: int = 2048, eval_every: int = 0) -> dict:
+    """Train and save the teacher and the early-stopped student; return (and write) the report."""
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tok = chain_tokenizer()
+    assert len(tok) == VOCAB, len(tok)
+    benches = benchmarks()
+    for name, rows in benches.items():
+        write_jsonl(rows, out / "data" / f"{name}.jsonl")
+    write_jsonl([{k: v for k, v in r.items() if k != "solution"} for r in make_train_prompts(n_train_prompts)],
+                out / "data" / "train.jsonl")
+    probe = {"chain12": benches["chain12"]}
+
+    def probe_fn(m):
+        return {"chain12_t1": evaluate_accuracy(m, tok, probe["chain12"], 1.0, 2, seed)}
+
+    report = {"seed": seed, "threads": threads, "batch_size": BATCH_SIZE, "warmup": WARMUP,
+              "train_k_range": list(TRAIN_K_RANGE), "benchmarks": {
+                  n: {"k": BENCHMARK_KS[n], "rows": len(r), "plays": BENCHMARK_ROLE[n]} for n, r in benches.items()},
+              "torch": torch.__version__, "python": platform.python_version(), "n_sampled": n_sampled}
+    for role, spec, steps, lr, sched, mseed in (
+            ("teacher", TEACHER_SPEC, teacher_steps, TEACHER_LR, "cosine", seed),
+            ("student", STUDENT_SPEC, student_steps, STUDENT_LR, "constant", seed + 1)):
+        t = time.time()
+        model = _build(spec, tok, mseed)
+        log = sft(model, tok, steps=steps, lr=lr, seed=mseed, schedule=sched, desc=role, progress=progress,
+                  eval_every=eval_every, eval_fn=probe_fn)
+        train_s = time.time() - t
+        _save(model, tok, out / role)
+        t = time.time()
+        acc = accuracy_table(model, tok, benches, n_sampled=n_sampled, seed=seed)
+        report[role] = {"spec": asdict(spec), "params": sum(p.numel() for p in model.parameters()),
+                        "steps": steps, "lr": lr, "schedule": sched, "model_seed": mseed,
+                        "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t, 1),
+                        "accuracy": acc, **log}
+        if progress:
+            print(f"{role}: {json.dumps(acc)}", flush=True)
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    (out / "prepare.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train the CPU miniature's teacher and student checkpoints.")
+    ap.add_argument("--out", required=True, help="output directory (teacher/, student/, data/, prepare.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
+    ap.add_argument("--student-steps", type=int, default=STUDENT_STEPS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-sampled", type=int, default=4, help="T=1 samples per problem in the report")
+    ap.add_argument("--eval-every", type=int, default=0, help="probe chain12 T=1 pass@1 every N steps")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    rep = prepare_miniature(a.out, seed=a.seed, teacher_steps=a.teacher_steps, student_steps=a.student_steps,
+                            threads=a.threads, progress=not a.quiet, n_sampled=a.n_sampled,
+                            eval_every=a.eval_every)
+    print(f"wrote {a.out} in {rep['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
