@@ -76,7 +76,8 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        batch = sample_rollouts(student, prompts, params, eos_token_ids=[0], pad_token_id=0, generator=gen)  # EOS suppressed: min = max
+        # EOS is suppressed anyway (min_new_tokens = max_new_tokens)
+        batch = sample_rollouts(student, prompts, params, eos_token_ids=[0], pad_token_id=0, generator=gen)
         t1 = time.perf_counter()
         batch = score_with_teacher(teacher, batch, topk=cfg.loss.topk if spec.loss.needs_support else 0,
                                    vocab_limit=V)

@@ -1,9 +1,10 @@
 """A synthetic, exactly verifiable, long-horizon task for the CPU miniature: modular op chains.
 
-A problem is a start value and a chain of ``k`` operations on a state modulo 100, each operation tagged
-by a letter (``a``, ``b``, ... in order)::
+A problem is a start value and a chain of ``k`` operations on a state modulo 100. Operation ``i`` is
+tagged by the letter ``LETTERS[i]`` and the tagged operations are listed in a random order, so the tag
+is the only way to find the next one::
 
-    problem:   37 +5a *3b -7c
+    problem:   37 b*3 a+5 c-7
     solution:  37 a+5=42
                42 b*3=26
                26 c-7=19
@@ -17,8 +18,8 @@ steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131
 separated by newlines, which is what the NewlineSpan gate segments on.
 
 Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
-by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step almost always ruins the answer, so
-accuracy falls geometrically with ``k``.
+by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it;
+one wrong step almost always ruins the answer, so accuracy falls geometrically with ``k``.
 
 Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
 Python versions):
@@ -59,9 +60,7 @@ BENCHMARK_SEED = 0
 # Exactly the characters a prompt or a trace can contain.
 ALPHABET = string.digits + LETTERS + OPS + "=: \n"
 
-import os
-TAG_FIRST = os.environ.get("OPDKIT_TAG_FIRST", "1") == "1"
-_GROUP = r"[a-z][+\-*]\d" if TAG_FIRST else r"[+\-*]\d[a-z]"
+_GROUP = r"[a-z][+\-*]\d"  # a tagged operation: letter, op, operand
 _PROBLEM_RE = re.compile(r"^(\d{1,2})((?: " + _GROUP + r")+)$")
 _OP_RE = re.compile(r" (" + _GROUP + r")")
 _ANSWER_RE = re.compile(r"^\s*answer:\s*(-?\d+)\s*$", re.MULTILINE)
@@ -79,7 +78,7 @@ def apply_op(x: int, op: str, d: int) -> int:
 
 
 def _group(i: int, op: str, d: int) -> str:
-    return f"{LETTERS[i]}{op}{d}" if TAG_FIRST else f"{op}{d}{LETTERS[i]}"
+    return f"{LETTERS[i]}{op}{d}"
 
 
 def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | None = None) -> str:
@@ -110,7 +109,7 @@ def parse_problem(problem: str) -> tuple[int, list[tuple[str, int]]]:
         raise ValueError(f"not a chain problem: {problem!r}")
     found = {}
     for g in _OP_RE.findall(m.group(2)):
-        letter, op, d = (g[0], g[1], g[2]) if TAG_FIRST else (g[2], g[0], g[1])
+        letter, op, d = g[0], g[1], g[2]
         if letter in found:
             raise ValueError(f"tag {letter!r} used twice in {problem!r}")
         found[letter] = (op, int(d))

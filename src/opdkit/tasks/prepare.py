@@ -61,11 +61,7 @@ def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE):
     rng = random.Random(f"opdkit-chain-sft-{seed}")
     held_out = _held_out_problems()
     while True:
-        import os
-        if os.environ.get("KNEST") == "1":
-            k = rng.randint(k_range[0], rng.randint(*k_range))
-        else:
-            k = rng.randint(*k_range)
+        k = rng.randint(*k_range)
         batch = []
         while len(batch) < batch_size:
             problem = random_problem(rng, k)
