@@ -488,7 +488,13 @@ def test_in_process_fallback_when_workers_cannot_start(tmp_path, monkeypatch, fr
     assert fresh_pool.disabled  # gave up after repeated start-up failures
     assert "falling back to in-process verification" in caplog.text
     assert grade("\\boxed{\\frac{1}{3}}", "0.5").reason == MISMATCH
-    # The caller stops waiting at the deadline (the abandoned thread finishes on its own, ~1 s).
+    # The caller stops waiting at the deadline (the abandoned thread finishes on its own). A check that
+    # sleeps stands in for a slow one, so the outcome does not depend on how fast this machine is.
+    def slow_check(pred, gold):
+        time.sleep(3.0)
+        return MISMATCH
+
+    monkeypatch.setattr(_pool._mv_worker, "check", slow_check)
     t = time.perf_counter()
     v = grade("\\boxed{\\int_0^1 e^{x^{2}} dx}", "5", timeout_s=0.05)
     assert v.reason == TIMEOUT and time.perf_counter() - t < 0.05 + SLACK_S
