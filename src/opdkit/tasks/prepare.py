@@ -246,7 +246,11 @@ def _save(model, tok, path: Path):
 def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int = TEACHER_STEPS,
                       student_steps: int = STUDENT_STEPS, threads: int = 2, progress: bool = True,
                       n_sampled: int = 4, n_train_prompts: int = 2048, eval_every: int = 0) -> dict:
-    """Train and save the teacher and the early-stopped student; return (and write) the report."""
+    """Train and save the teacher and the early-stopped student; return (and write) the report.
+
+    Runs the curriculum of ``TEACHER_PHASES`` / ``STUDENT_PHASES`` (the recipe of the shipped checkpoints);
+    ``teacher_steps`` / ``student_steps`` / ``eval_every`` are not used by it (kept for the CLI's flags).
+    """
     torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,13 +271,13 @@ def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int 
               "train_k_range": list(TRAIN_K_RANGE), "benchmarks": {
                   n: {"k": BENCHMARK_KS[n], "rows": len(r), "plays": BENCHMARK_ROLE[n]} for n, r in benches.items()},
               "torch": torch.__version__, "python": platform.python_version(), "n_sampled": n_sampled}
-    for role, spec, steps, lr, sched, mseed in (
-            ("teacher", TEACHER_SPEC, teacher_steps, TEACHER_LR, "cosine", seed),
-            ("student", STUDENT_SPEC, student_steps, STUDENT_LR, "constant", seed + 1)):
+    for role, spec, phases, mseed in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed),
+                                      ("student", CURRICULUM_STUDENT_SPEC, STUDENT_PHASES, seed + 1)):
         t = time.time()
-        model = _build(spec, tok, mseed)
-        log = sft(model, tok, steps=steps, lr=lr, seed=mseed, schedule=sched, desc=role, progress=progress,
-                  eval_every=eval_every, eval_fn=probe_fn)
+        model, logs = train_curriculum(spec, tok, mseed, phases, progress=progress, desc=role)
+        log = {"phases": [list(map(str, ph)) for ph in phases], "phase_logs": logs}
+        steps = sum(ph[6] if ph[6] is not None else ph[0] for ph in phases)
+        lr, sched = phases[-1][1], "curriculum"
         train_s = time.time() - t
         _save(model, tok, out / role)
         t = time.time()
