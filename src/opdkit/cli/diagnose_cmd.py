@@ -23,10 +23,12 @@ def add_parser(sub) -> None:
     p.add_argument("--student", default="miniature", help="student model path / hub id, or 'miniature' (shipped)")
     p.add_argument("--teacher", default="miniature",
                    help="teacher model(s), comma-separated; 'miniature' = the shipped teacher")
-    p.add_argument("--data", default="chain12", help="benchmark name (chain8, chain12, math500, ...) or .jsonl path; "
-                                                     "comma-separated for several")
+    p.add_argument("--data", default="chain7",
+                   help="benchmark name (chain8, chain12, math500, ...), chainK for any K (the miniature's task "
+                        "with K steps; the shipped student solves about half of chain7 at T = 1), or a .jsonl "
+                        "path; comma-separated for several")
     p.add_argument("--data-dir", default="", help="directory of registered benchmark files")
-    p.add_argument("--n-rollouts", type=int, default=32, help="student rollouts to diagnose")
+    p.add_argument("--n-rollouts", type=int, default=64, help="student rollouts to diagnose")
     p.add_argument("--samples-per-question", type=int, default=1, help="rollouts per question")
     p.add_argument("--offset", type=int, default=0, help="skip the first questions of the data")
     p.add_argument("--grader", default="auto", help="chain, math, or auto (chain when the data are chain problems)")
@@ -54,9 +56,10 @@ def add_parser(sub) -> None:
                                                    "sequence")
     p.add_argument("--gate-block-size", type=int, default=16, help="block size of the 'block' gate")
     p.add_argument("--gate-tau", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    p.add_argument("--workers", type=int, default=1, help="processes probing rollouts in parallel, one thread each "
-                                                          "(same results; 2 suits a 2-core CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the main process (0: torch's "
+                                                          "default; small models run best single-threaded)")
+    p.add_argument("--workers", type=int, default=2, help="processes probing rollouts in parallel, one thread each "
+                                                          "(results do not depend on it; 1 = in this process)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--seed", type=int, default=0)

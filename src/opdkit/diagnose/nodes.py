@@ -14,6 +14,8 @@ methods.md §6 (arXiv 2605.10889; the algorithm is **ours**). For one student ro
 5. MiniLLM's future term, per teacher: the mean over the completions of ``Σ (log q − log π)`` over the
    completion tokens (``log π`` is the sampler's temperature-1 behaviour log-prob, ``log q`` the
    teacher's, both full-vocabulary, §0), and the length-normalized mean (MiniLLM's ``R^Norm``).
+   The completions follow the sampling policy (temperature, top-p), so with top-p < 1 this is the
+   future log-ratio under that policy, a slightly biased estimate of MiniLLM's on-policy expectation.
 
 Nodes are visited in order of depth while the completion-token budget lasts (a node whose estimated
 cost ``|U|·M·(L − t − 1)`` would exceed the remaining budget stops the walk). Each node has its own

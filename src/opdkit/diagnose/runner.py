@@ -32,8 +32,8 @@ class DiagnoseSettings:
 
     student: str = "miniature"
     teachers: list[str] = field(default_factory=lambda: ["miniature"])
-    data: str = "chain12"
-    n_rollouts: int = 32
+    data: str = "chain7"
+    n_rollouts: int = 64
     samples_per_question: int = 1
     offset: int = 0
     grader: str | Callable = "auto"  # chain, math, auto, or fn(responses, answers) -> list[Verdict | float]
@@ -97,9 +97,23 @@ def _is_chain(problems) -> bool:
 
 
 def _load_problems(s: DiagnoseSettings):
-    from opdkit.cli.eval_cmd import load_benchmarks
+    """Problems of ``s.data``: registered names, ``.jsonl`` paths, or ``chainK`` for any K in 1..26
+    (``make_benchmark(K)``: the miniature's benchmark stream with ``K`` steps; chain8 / 12 / 16 / 24 are
+    the registered held-out ones)."""
+    import re
 
-    probs = [p for ps in load_benchmarks(s.data, s.data_dir).values() for p in ps]
+    from opdkit.cli.eval_cmd import load_benchmarks
+    from opdkit.eval.benchmarks import Problem
+    from opdkit.tasks.chain import BENCHMARK_KS, MAX_K, make_benchmark
+
+    probs = []
+    for name in [x.strip() for x in s.data.split(",") if x.strip()]:
+        m = re.fullmatch(r"chain(\d+)", name)
+        if m and name not in BENCHMARK_KS and 1 <= int(m.group(1)) <= MAX_K:
+            probs += [Problem(id=r["id"], problem=r["problem"], answer=r["answer"], source=r["source"], extra={})
+                      for r in make_benchmark(int(m.group(1)))]
+        else:
+            probs += [p for ps in load_benchmarks(name, s.data_dir).values() for p in ps]
     if not probs:
         raise ValueError(f"no problems in {s.data!r}")
     return probs
