@@ -53,3 +53,69 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for f in ("report.md", "report.csv", "bars.png", "passk.png", "training.png", "collapse.json"):
         assert (tmp_path / "report" / f).is_file(), f
     assert wall < 300, f"--quick took {wall:.0f} s"
+
+
+def test_trace_errors_classifies_step_counts_and_prefixes():
+    from opdkit.tasks.chain import solve, trace_errors
+
+    problem = "37 b*3 a+5 c-7"
+    ref = solve(problem)  # 37 a+5=42 / 42 b*3=26 / 26 c-7=19 / answer: 19
+    assert trace_errors(problem, ref) == {"k": 3, "steps": 3, "correct_prefix": 3, "kind": "exact"}
+    lines = ref.split("\n")
+    short = "\n".join(lines[:2] + ["answer: 26"])
+    assert trace_errors(problem, short) == {"k": 3, "steps": 2, "correct_prefix": 2, "kind": "short"}
+    long = "\n".join(lines[:3] + ["19 d+2=21", "answer: 21"])
+    assert trace_errors(problem, long) == {"k": 3, "steps": 4, "correct_prefix": 3, "kind": "long"}
+    slip = "\n".join([lines[0], "42 b*3=27", "27 c-7=20", "answer: 20"])
+    assert trace_errors(problem, slip) == {"k": 3, "steps": 3, "correct_prefix": 1, "kind": "exact"}
+    assert trace_errors(problem, "garbage")["kind"] == "short"
+
+
+def test_traces_table_averages_seeds(tmp_path):
+    from opdkit.demo.traces import traces_table
+    from opdkit.tasks.chain import make_benchmark, solve
+
+    rows = make_benchmark(8)[:2]
+
+    def run(name, responses):
+        d = tmp_path / name / "eval"
+        d.mkdir(parents=True)
+        with open(d / "samples.jsonl", "w") as f:
+            for r, resp in zip(rows, responses):
+                f.write(json.dumps({"benchmark": "chain8", "id": r["id"], "response": resp,
+                                    "reward": int(resp == solve(r["problem"]))}) + "\n")
+        return tmp_path / name
+
+    good = [solve(r["problem"]) for r in rows]
+    short = ["\n".join(g.split("\n")[:3]) for g in good]
+    runs = {"base": run("base", [good[0], short[1]]), "opd-seed0": run("s0", good), "opd-seed1": run("s1", short)}
+    md, stats = traces_table(runs, {"base": "base student", "opd": "OPD"})
+    assert stats["per_run"]["base"] == {"n": 2, "short": 0.5, "exact": 0.5, "long": 0.0,
+                                        "prefix_frac": (1 + 3 / 8) / 2, "correct": 0.5}
+    opd = stats["per_variant"]["opd"]
+    assert opd["runs"] == 2 and opd["short"] == 0.5 and opd["correct"] == 0.5
+    assert "| OPD | 2 | 50.0 | 50.0 | 0.0 |" in md and "| base student | 1 |" in md
+
+
+def test_run_all_resume_keeps_finished_jobs(tmp_path, monkeypatch):
+    import opdkit.demo.runner as runner
+    from opdkit.demo.presets import get_preset
+
+    preset = get_preset("quick")
+    keys = ["base", "teacher"] + [f"{v}-seed0" for v in preset.variants]
+    for k in keys:
+        (tmp_path / "runs" / k / "eval").mkdir(parents=True)
+        (tmp_path / "runs" / k / "eval" / "results.json").write_text("{}")
+
+    def boom(*a, **k):
+        raise AssertionError("a finished job was run again")
+
+    monkeypatch.setattr(runner, "train_job", boom)
+    monkeypatch.setattr(runner, "reference_job", boom)
+    done = runner.run_all(preset, out=tmp_path, student=tmp_path, teacher=tmp_path, data=tmp_path, resume=True,
+                          print_fn=lambda *a: None)
+    assert sorted(done) == sorted(keys)
+    (tmp_path / "runs" / "opd-seed0" / "eval" / "results.json").unlink()
+    with pytest.raises(AssertionError, match="run again"):
+        runner.run_all(preset, out=tmp_path, student=tmp_path, teacher=tmp_path, data=tmp_path, resume=True,
+                       print_fn=lambda *a: None)

@@ -24,6 +24,13 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
                                                 "shipped checkpoints")
     p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
+    p.add_argument("--resume", action="store_true", help="keep the jobs of an earlier run in --out that finished "
+                                                         "(their eval/results.json exists); run only the rest")
+
+
+TRACES_HEAD = ("# How the evaluated traces end\n\nPercent of all evaluated samples (every benchmark, every seed): "
+               "stopped before step k, wrote exactly k steps, ran past step k; the mean fraction of leading "
+               "steps equal to the reference; correct answers (avg@n).\n\n")
 
 
 def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
@@ -37,6 +44,7 @@ def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
 def run(args) -> int:
     from opdkit.demo.presets import VARIANTS, get_preset
     from opdkit.demo.runner import collapse_summary, run_all, shipped_models
+    from opdkit.demo.traces import traces_table
     from opdkit.eval.report import comparison_table, load_run, to_markdown, write_report
     from opdkit.tasks.chain import make_train_prompts, write_jsonl
 
@@ -57,7 +65,7 @@ def run(args) -> int:
           + f"\n  seeds: {args.seeds}, jobs in parallel: {args.jobs}, student: {student}, teacher: {teacher}"
           + f"\n  eval: {preset.eval_problems} problems x {preset.eval_n} samples on {', '.join(preset.benchmarks)}")
     runs = run_all(preset, out=out, seeds=args.seeds, jobs=args.jobs, variants=variants, student=student,
-                   teacher=teacher, data=data)
+                   teacher=teacher, data=data, resume=args.resume)
     order = ["base"] + [f"{v}-seed{s}" for v in variants for s in range(args.seeds)] + ["teacher"]
     records = [load_run(runs[k] / "eval") for k in order]
     for k, r in zip(order, records):  # training curves live next to the eval dir
@@ -67,6 +75,10 @@ def run(args) -> int:
                          title=f"opdkit demo ({preset.name})")
     collapse = collapse_summary(runs, f"pass@{preset.eval_n}")
     (out / "report" / "collapse.json").write_text(json.dumps(collapse, indent=1))
+    labels = {"base": "base student", "teacher": "teacher", **{v: VARIANTS[v][0] for v in variants}}
+    traces_md, traces = traces_table({k: runs[k] for k in order}, labels)
+    (out / "report" / "traces.md").write_text(TRACES_HEAD + traces_md + "\n")
+    (out / "report" / "traces.json").write_text(json.dumps(traces, indent=1))
     wall = time.perf_counter() - t0
     for metric in ("pass@1", f"pass@{preset.eval_n}"):
         header, rows = comparison_table(records, metric=metric, group_seeds=True)
@@ -74,5 +86,6 @@ def run(args) -> int:
     print("\ncollapsed runs (mean pass@8 below half the base student's "
           f"{100 * collapse['base_mean']:.1f}%): " + ", ".join(
               f"{VARIANTS[n][0]} {v['collapsed']}/{v['runs']}" for n, v in collapse["variants"].items()))
+    print(f"\nhow the evaluated traces end (% of all samples):\n{traces_md}")
     print(f"\nwall time {wall / 60:.1f} min; report: " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -80,15 +80,29 @@ def reference_job(kind: str, model: Path, preset: Preset, out: Path) -> Path:
     return run
 
 
+def _finished(out: Path, key: str) -> Path | None:
+    run = out / "runs" / key
+    return run if (run / "eval" / "results.json").is_file() else None
+
+
 def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variants: list[str] | None = None,
-            student: Path, teacher: Path, data: Path, print_fn=print) -> dict[str, Path]:
-    """Run references and variants; returns {job name: run dir}."""
+            student: Path, teacher: Path, data: Path, resume: bool = False, print_fn=print) -> dict[str, Path]:
+    """Run references and variants; returns {job name: run dir}. With ``resume``, jobs whose
+    ``eval/results.json`` already exists under ``out/runs`` are kept, not re-run."""
     names = list(variants or preset.variants)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     todo = [("base", None), ("teacher", None)] + [(n, s) for s in range(seeds) for n in names]
     done: dict[str, Path] = {}
+    if resume:
+        for name, seed in list(todo):
+            key = name if seed is None else f"{name}-seed{seed}"
+            if (run := _finished(out, key)) is not None:
+                done[key] = run
+                todo.remove((name, seed))
+        if done:
+            print_fn(f"--resume: keeping {len(done)} finished job(s) in {out / 'runs'}; {len(todo)} to run")
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 

@@ -253,3 +253,27 @@ def chain_tokenizer():
     from opdkit.tokenizer import char_tokenizer
 
     return char_tokenizer(ALPHABET)
+
+
+_STEP_LINE_RE = re.compile(r"^\d+ [a-z][+\-*]\d=\d+$")
+
+
+def trace_errors(problem: str, response_text: str) -> dict:
+    """How a response's trace departs from the reference solution of ``problem``.
+
+    Returns ``{"k", "steps", "correct_prefix", "kind"}``: the steps the problem needs, the step lines the
+    response wrote (lines shaped like ``37 a+5=42``), how many leading lines equal the reference's, and
+    ``kind``: ``exact`` (k steps), ``short`` (stopped before step k) or ``long`` (ran past step k).
+    A response can have the right number of steps and still be wrong (a slip inside a line).
+    """
+    ref = solve(problem).split("\n")[:-1]
+    lines = [ln.strip() for ln in str(response_text).strip().split("\n")]
+    steps = sum(1 for ln in lines if _STEP_LINE_RE.match(ln))
+    prefix = 0
+    for got, want in zip(lines, ref):
+        if got != want:
+            break
+        prefix += 1
+    k = len(ref)
+    kind = "exact" if steps == k else ("short" if steps < k else "long")
+    return {"k": k, "steps": steps, "correct_prefix": prefix, "kind": kind}

@@ -1,0 +1,64 @@
+"""Where the miniature's answers go wrong: step counts and correct prefixes of evaluated traces.
+
+Reads an ``opdkit eval`` run's ``samples.jsonl`` on the chain benchmarks and summarises, per run, the
+fraction of responses that stop before the last step (``short``), write exactly ``k`` steps
+(``exact``) or run past it (``long``), and the mean fraction of leading steps that are right
+(:func:`opdkit.tasks.chain.trace_errors`). On this task a wrong step count ruins the answer however
+good the arithmetic is, so this table explains moves of pass@k that the per-token losses do not show.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opdkit.tasks.chain import BENCHMARK_KS, make_benchmark, trace_errors
+
+
+def _problems(names) -> dict[str, str]:
+    out = {}
+    for name in names:
+        if name in BENCHMARK_KS:
+            out.update({r["id"]: r["problem"] for r in make_benchmark(BENCHMARK_KS[name], name=name)})
+    return out
+
+
+def trace_stats(samples_path: str | Path) -> dict:
+    """``{"n", "short", "exact", "long", "prefix_frac", "correct"}`` over every sample of a ``samples.jsonl``
+    (fractions in [0, 1]; ``prefix_frac`` = mean of correct leading steps / k). Samples of benchmarks that
+    are not chain benchmarks are skipped."""
+    rows = [json.loads(line) for line in Path(samples_path).read_text().splitlines() if line.strip()]
+    problems = _problems({r["benchmark"] for r in rows})
+    n = short = exact = long = correct = 0
+    prefix = 0.0
+    for r in rows:
+        problem = problems.get(r["id"])
+        if problem is None:
+            continue
+        e = trace_errors(problem, r["response"])
+        n += 1
+        short += e["kind"] == "short"
+        exact += e["kind"] == "exact"
+        long += e["kind"] == "long"
+        prefix += e["correct_prefix"] / e["k"]
+        correct += int(bool(r.get("reward")))
+    d = max(n, 1)
+    return {"n": n, "short": short / d, "exact": exact / d, "long": long / d, "prefix_frac": prefix / d,
+            "correct": correct / d}
+
+
+def traces_table(runs: dict[str, Path], labels: dict[str, str]) -> tuple[str, dict]:
+    """Markdown table and the stats, from each ``run/eval/samples.jsonl``; runs named ``NAME-seedS`` are
+    averaged into one row ``NAME`` (mean over seeds; ``labels`` maps row names to display labels)."""
+    per_run = {key: trace_stats(run / "eval" / "samples.jsonl") for key, run in runs.items()
+               if (run / "eval" / "samples.jsonl").is_file()}
+    groups: dict[str, list[dict]] = {}
+    for key, s in per_run.items():
+        groups.setdefault(key.rsplit("-seed", 1)[0], []).append(s)
+    rows = {g: {f: sum(s[f] for s in ss) / len(ss) for f in ss[0]} | {"runs": len(ss)} for g, ss in groups.items()}
+    lines = ["| run | runs | stopped early | k steps | ran past k | correct leading steps | correct answers |",
+             "|:--|--:|--:|--:|--:|--:|--:|"]
+    for g, s in rows.items():
+        lines.append(f"| {labels.get(g, g)} | {s['runs']} | {100 * s['short']:.1f} | {100 * s['exact']:.1f} | "
+                     f"{100 * s['long']:.1f} | {100 * s['prefix_frac']:.1f} | {100 * s['correct']:.1f} |")
+    return "\n".join(lines), {"per_run": per_run, "per_variant": rows}
