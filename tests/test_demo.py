@@ -119,3 +119,11 @@ def test_run_all_resume_keeps_finished_jobs(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="run again"):
         runner.run_all(preset, out=tmp_path, student=tmp_path, teacher=tmp_path, data=tmp_path, resume=True,
                        print_fn=lambda *a: None)
+
+
+def test_demo_set_rejects_an_invalid_override_before_any_job(tmp_path):
+    with pytest.raises(SystemExit, match="must be > 0"):
+        main(["demo", "--quick", "--set", "optim.lr=-1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["demo", "--quick", "--set", "optim.lr", "--out", str(tmp_path)])
+    assert not (tmp_path / "runs").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -24,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
                                                 "shipped checkpoints")
     p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer override for every variant, after the preset's (repeatable; a variant's own "
+                        "loss / gate / advantage settings still apply), e.g. --set optim.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="keep the jobs of an earlier run in --out that finished "
                                                          "(their eval/results.json exists); run only the rest")
 
@@ -53,6 +57,18 @@ def run(args) -> int:
         _prepare(out / "models")
         return 0
     preset = get_preset("quick" if args.quick else args.preset)
+    if args.set:
+        bad = [x for x in args.set if "=" not in x]
+        if bad:
+            raise SystemExit(f"--set takes KEY=VALUE (e.g. optim.lr=1e-4), got {bad}")
+        preset = replace(preset, train=[*preset.train, *args.set],
+                         description=preset.description + "; overrides: " + " ".join(args.set))
+        from opdkit.config import ConfigError, load_config
+
+        try:  # fail here, not inside the first training job
+            load_config(None, [*preset.train], need_models=False)
+        except ConfigError as e:
+            raise SystemExit(f"--set: {e}") from None
     t0 = time.perf_counter()
     if args.from_scratch:
         student, teacher = _prepare(out / "models")
