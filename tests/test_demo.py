@@ -127,3 +127,20 @@ def test_demo_set_rejects_an_invalid_override_before_any_job(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["demo", "--quick", "--set", "optim.lr", "--out", str(tmp_path)])
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_summary_first_last_and_drift_peak(tmp_path):
+    from opdkit.demo.traces import training_summary, training_table
+
+    run = tmp_path / "opd-seed0"
+    run.mkdir()
+    rows = [{"kind": "update", "step": 0, "drift_abs_mean": 9.0}]
+    rows += [{"kind": "step", "step": i, "sampled_rkl": 0.1 * i, "drift_abs_mean": 0.01 * (i == 6) + 0.001,
+              "gate_min": 1.0, "solve_rate": 0.5, "stop_length": 0.0} for i in range(10)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = training_summary(run / "metrics.jsonl", window=5)
+    assert s["steps"] == 10
+    assert s["sampled_rkl"]["first"] == pytest.approx(0.2) and s["sampled_rkl"]["last"] == pytest.approx(0.7)
+    assert s["drift_peak"] == {"value": pytest.approx(0.011), "step": 6}  # update rows are not steps
+    md, _ = training_table({"opd-seed0": run, "base": tmp_path / "nothing"}, {"opd": "OPD"})
+    assert "| OPD-seed0 | 0.200 → 0.700 |" in md and "base" not in md

@@ -62,3 +62,49 @@ def traces_table(runs: dict[str, Path], labels: dict[str, str]) -> tuple[str, di
         lines.append(f"| {labels.get(g, g)} | {s['runs']} | {100 * s['short']:.1f} | {100 * s['exact']:.1f} | "
                      f"{100 * s['long']:.1f} | {100 * s['prefix_frac']:.1f} | {100 * s['correct']:.1f} |")
     return "\n".join(lines), {"per_run": per_run, "per_variant": rows}
+
+
+TRAINING_FIELDS = ("sampled_rkl", "drift_abs_mean", "gate_min", "solve_rate", "stop_length")
+
+
+def training_summary(metrics_path: str | Path, window: int = 5) -> dict:
+    """First / last ``window`` rollout steps' means of the step metrics in :data:`TRAINING_FIELDS`, and the
+    peak of the mean |drift| with its rollout step, from one run's ``metrics.jsonl``."""
+    steps = [r for line in Path(metrics_path).read_text().splitlines() if line.strip()
+             for r in [json.loads(line)] if r.get("kind") == "step"]
+    out: dict = {"steps": len(steps)}
+    if not steps:
+        return out
+
+    def mean(rows, f):
+        vals = [r[f] for r in rows if isinstance(r.get(f), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    for f in TRAINING_FIELDS:
+        out[f] = {"first": mean(steps[:window], f), "last": mean(steps[-window:], f)}
+    peak = max(steps, key=lambda r: r.get("drift_abs_mean") or 0.0)
+    out["drift_peak"] = {"value": peak.get("drift_abs_mean"), "step": peak.get("step")}
+    return out
+
+
+def training_table(runs: dict[str, Path], labels: dict[str, str], window: int = 5) -> tuple[str, dict]:
+    """Markdown table (one row per training run: first → last ``window`` steps) and the raw summaries."""
+    stats = {k: training_summary(r / "metrics.jsonl", window) for k, r in runs.items()
+             if (r / "metrics.jsonl").is_file()}
+
+    def fa(s, f, scale=1.0, fmt=".3f"):
+        a, b = s[f]["first"], s[f]["last"]
+        return "—" if a is None or b is None else f"{scale * a:{fmt}} → {scale * b:{fmt}}"
+
+    lines = ["| run | sampled reverse KL | mean abs drift | gate min | solve rate (%) | hit max tokens (%) | "
+             "drift peak (step) |", "|:--|--:|--:|--:|--:|--:|--:|"]
+    for k, s in stats.items():
+        if not s["steps"]:
+            continue
+        name, _, seed = k.rpartition("-seed")
+        label = f"{labels.get(name, name)}-seed{seed}" if name else labels.get(k, k)
+        pk = s["drift_peak"]
+        lines.append(f"| {label} | {fa(s, 'sampled_rkl')} | {fa(s, 'drift_abs_mean', fmt='.4f')} | "
+                     f"{fa(s, 'gate_min', fmt='.2f')} | {fa(s, 'solve_rate', 100, '.1f')} | "
+                     f"{fa(s, 'stop_length', 100, '.1f')} | {pk['value']:.4f} ({pk['step']}) |")
+    return "\n".join(lines), stats
