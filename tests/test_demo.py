@@ -50,8 +50,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     wall = time.time() - t0
     out = capsys.readouterr().out
     assert "pass@8 (%)" in out and "base student" in out and "LSM+NewlineSpan" in out
-    for f in ("report.md", "report.csv", "bars.png", "passk.png", "training.png", "collapse.json"):
+    for f in ("report.md", "report.csv", "bars.png", "passk.png", "training.png", "collapse.json", "traces.md",
+              "training.md"):
         assert (tmp_path / "report" / f).is_file(), f
+    assert "| base student | 1 |" in (tmp_path / "report" / "traces.md").read_text()
+    assert "| OPD-seed0 |" in (tmp_path / "report" / "training.md").read_text()
     assert wall < 300, f"--quick took {wall:.0f} s"
 
 
