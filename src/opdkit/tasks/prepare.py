@@ -11,8 +11,8 @@ the start of its accuracy transition, so it has low but non-zero pass@1 and head
 writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokenizer), ``data/`` (the
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
 accuracies). Fixed seeds and data order make it reproducible for a given thread count: with the
-default single thread, the student recipe (``STUDENT_PHASES``, the same ``sft`` calls) rebuilt the shipped
-student's ``model.safetensors`` byte for byte (checked on 2026-12-01; the teacher was not rebuilt).
+default single thread, ``--roles teacher`` (795 s) and the student recipe (``STUDENT_PHASES``, the same
+``sft`` calls) rebuilt the shipped ``model.safetensors`` files byte for byte (checked on 2026-12-01).
 """
 
 from __future__ import annotations
