@@ -147,3 +147,19 @@ def test_training_summary_first_last_and_drift_peak(tmp_path):
     assert s["drift_peak"] == {"value": pytest.approx(0.011), "step": 6}  # update rows are not steps
     md, _ = training_table({"opd-seed0": run, "base": tmp_path / "nothing"}, {"opd": "OPD"})
     assert "| OPD-seed0 | 0.200 → 0.700 |" in md and "base" not in md
+
+
+def test_resume_refuses_a_finished_job_with_other_settings(tmp_path):
+    import yaml
+
+    import opdkit.demo.runner as runner
+    from opdkit.demo.presets import get_preset
+
+    quick = get_preset("quick")
+    run = tmp_path / "runs" / "opd-seed0"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text("{}")
+    (run / "job.yaml").write_text(yaml.safe_dump({"settings": runner.job_settings("opd", quick)}))
+    assert runner._finished(tmp_path, "opd-seed0", "opd", quick) == run
+    with pytest.raises(ValueError, match="other settings"):
+        runner._finished(tmp_path, "opd-seed0", "opd", get_preset("fragile"))

@@ -61,7 +61,8 @@ def train_job(name: str, seed: int, preset: Preset, student: Path, teacher: Path
     run.mkdir(parents=True, exist_ok=True)
     over = [f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
             f"train.seed={seed}", f"train.output_dir={run}", "train.progress=false", *preset.train, *overrides]
-    (run / "job.yaml").write_text(yaml.safe_dump({"variant": name, "seed": seed, "overrides": over}))
+    (run / "job.yaml").write_text(yaml.safe_dump({"variant": name, "seed": seed, "overrides": over,
+                                                  "settings": job_settings(name, preset)}))
     log = run / "job.log"
     log.write_text("")
     _run([sys.executable, "-m", "opdkit.cli.main", "train", *over], log)
@@ -80,9 +81,25 @@ def reference_job(kind: str, model: Path, preset: Preset, out: Path) -> Path:
     return run
 
 
-def _finished(out: Path, key: str) -> Path | None:
+def job_settings(name: str, preset: Preset) -> dict:
+    """What a training job's result depends on besides its seed and model paths (checked by ``--resume``)."""
+    return {"train": [*preset.train, *VARIANTS[name][1]], "eval": [preset.eval_problems, preset.eval_n,
+                                                                  list(preset.benchmarks)]}
+
+
+def _finished(out: Path, key: str, name: str, preset: Preset) -> Path | None:
+    """The run dir of a finished job (``eval/results.json`` exists), else None. A finished training job
+    whose recorded settings differ from ``preset``'s is an error: resuming would mix two experiments."""
     run = out / "runs" / key
-    return run if (run / "eval" / "results.json").is_file() else None
+    if not (run / "eval" / "results.json").is_file():
+        return None
+    job = run / "job.yaml"
+    if job.is_file():
+        recorded = (yaml.safe_load(job.read_text()) or {}).get("settings")
+        if recorded is not None and recorded != job_settings(name, preset):
+            raise ValueError(f"--resume: {run} was run with other settings ({recorded}) than this preset "
+                             f"({job_settings(name, preset)}); use another --out or delete that run")
+    return run
 
 
 def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variants: list[str] | None = None,
@@ -98,7 +115,7 @@ def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variant
     if resume:
         for name, seed in list(todo):
             key = name if seed is None else f"{name}-seed{seed}"
-            if (run := _finished(out, key)) is not None:
+            if (run := _finished(out, key, name, preset)) is not None:
                 done[key] = run
                 todo.remove((name, seed))
         if done:

@@ -248,23 +248,22 @@ def _save(model, tok, path: Path):
 def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int = TEACHER_STEPS,
                       student_steps: int = STUDENT_STEPS, threads: int = 1, progress: bool = True,
                       n_sampled: int = 4, n_train_prompts: int = 2048, eval_every: int = 0,
-                      roles: tuple[str, ...] = ("teacher", "student"), student_stop_after: int | None = -1) -> dict:
+                      roles: tuple[str, ...] = ("teacher", "student"),
+                      student_stop_after: int | None = STUDENT_PHASES[-1][6]) -> dict:
     """Train and save the teacher and the early-stopped student; return (and write) the report.
 
     Runs the curriculum of ``TEACHER_PHASES`` / ``STUDENT_PHASES`` (the recipe of the shipped checkpoints);
     ``teacher_steps`` / ``student_steps`` / ``eval_every`` are not used by it (kept for the CLI's flags).
     ``roles`` picks which of the two to build; ``student_stop_after`` replaces the student's early stop in
-    its last phase (-1: the shipped recipe's, 500 of 1,000 steps; None: run the phase to its end).
+    its last phase (default: the shipped recipe's, 500 of 1,000 steps; None: run the phase to its end).
     """
     unknown = set(roles) - {"teacher", "student"}
     if unknown or not roles:
         raise ValueError(f"roles must be teacher and/or student, got {roles!r}")
-    student_phases = STUDENT_PHASES
-    if student_stop_after != -1:
-        last = STUDENT_PHASES[-1]
-        if student_stop_after is not None and not 1 <= student_stop_after <= last[0]:
-            raise ValueError(f"student_stop_after must be in 1..{last[0]} or None, got {student_stop_after}")
-        student_phases = (*STUDENT_PHASES[:-1], (*last[:6], student_stop_after))
+    last = STUDENT_PHASES[-1]
+    if student_stop_after is not None and not 1 <= student_stop_after <= last[0]:
+        raise ValueError(f"student_stop_after must be in 1..{last[0]} or None, got {student_stop_after}")
+    student_phases = (*STUDENT_PHASES[:-1], (*last[:6], student_stop_after))
     torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,9 +319,9 @@ def main(argv=None):
     ap.add_argument("--n-sampled", type=int, default=4, help="T=1 samples per problem in the report")
     ap.add_argument("--eval-every", type=int, default=0, help="probe chain12 T=1 pass@1 every N steps")
     ap.add_argument("--roles", default="teacher,student", help="which checkpoints to build")
-    ap.add_argument("--student-stop-after", type=int, default=-1,
-                    help="steps of the student's last phase (-1: the shipped recipe's early stop, 500; "
-                         "0: the whole phase, 1,000)")
+    ap.add_argument("--student-stop-after", type=int, default=STUDENT_PHASES[-1][6],
+                    help="steps of the student's last phase (default: the shipped recipe's early stop; "
+                         "0: the whole phase)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     stop = None if a.student_stop_after == 0 else a.student_stop_after
