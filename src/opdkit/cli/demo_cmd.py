@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=2, help="jobs in parallel, one thread each")
     p.add_argument("--variants", default="", help="comma-separated subset (default: the preset's)")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--from-scratch", action="store_true", help="rebuild the checkpoints first (~10 min)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="rebuild the checkpoints first (one thread; the teacher alone took 13.3 min here)")
     p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
                                                 "shipped checkpoints")
     p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
