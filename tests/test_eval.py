@@ -59,9 +59,28 @@ def test_eval_is_deterministic_under_a_seed(tiny_models, five_problems, tmp_path
 
 def test_k_larger_than_n_is_a_clear_error(tiny_models, five_problems, tmp_path, capsys):
     assert _eval(tiny_models, five_problems, tmp_path, "--k", "8") == 2
-    assert "every k must be in 1..n=4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 <= k <= --n (= 4)" in err and "raise --n to 8" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--model", str(tiny_models[0]), "--benchmarks", "nope"]) == 2
-    assert "nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope" in err and "chain12" in err  # the miniature's benchmarks are named too
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--n", "0"], "--n 0: the number of samples per problem must be at least 1"),
+    (["--n", "4", "--k", "1,x"], "must be comma-separated whole numbers"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+])
+def test_eval_argument_errors_are_one_line(tiny_models, argv, expected, capsys):
+    assert main(["eval", "--model", str(tiny_models[0]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_missing_model_is_refused_before_loading(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--n", "2", "--k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_report_on_two_eval_runs(tiny_models, five_problems, tmp_path, capsys):

@@ -49,7 +49,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = F("", "training prompts: a JSON Lines file (problem, answer), or a registered "
+    train_file: str = F("", "training prompts: a JSON Lines file (required per row: problem, answer; "
+                            "optional: id, default <stem>-<line>), or a registered "
                             "name (dapo17k, math500, ...) resolved in data_dir")
     data_dir: str = F("", "directory of registered data files (default: $OPDKIT_DATA_DIR or ../shared/data)")
     hf_dataset: str = F("", "Hugging Face dataset name instead of train_file (needs `datasets`)")
@@ -139,6 +140,13 @@ class TrainConfig:
     save_every_steps: int = F(50, "rollout steps between checkpoints; 0 = only the final model")
     keep_checkpoints: int = F(2, "complete checkpoints kept on disk")
     max_bad_updates: int = F(3, "stop after this many non-finite updates in a row")
+    stop_on_divergence: bool = F(True, "stop with a clear message when the run diverges without NaN (the "
+                                       "gradient norm exactly 0 for several updates, or the loss / sampled "
+                                       "reverse KL jumping over its running mean); off: warn and go on")
+    divergence_factor: float = F(10.0, "a loss or sampled reverse KL above this many times its running mean "
+                                       "(and 1 nat/token above it) counts as a divergence")
+    divergence_zero_grad_updates: int = F(3, "updates in a row with a gradient norm of exactly 0 that count "
+                                             "as a divergence; 0 disables this check")
     device: str = F("auto", "auto, cpu, cuda")
     threads: int = F(0, "torch CPU threads; 0 = torch's default")
     tensorboard: bool = F(False, "also log to TensorBoard (needs `tensorboard`)")
@@ -175,10 +183,10 @@ POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.m
             "rollout.temperature", "loss.topk", "gate.block_size", "gate.newline_fallback",
             "gate.newline_max_len", "optim.lr", "train.train_steps", "train.rollout_passes",
             "train.minibatches_per_pass", "train.microbatch_size", "train.teacher_microbatch_size",
-            "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints"]
+            "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints", "train.divergence_factor"]
 NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "model.lora_r", "gate.tau", "gate.newline_min_len",
                "optim.weight_decay", "optim.warmup_updates", "train.save_every_steps", "train.threads",
-               "loss.clip_eps", "sg.beta", "sg.alpha", "sg.lam"]
+               "loss.clip_eps", "sg.beta", "sg.alpha", "sg.lam", "train.divergence_zero_grad_updates"]
 
 
 def _get(cfg: Config, dotted: str):

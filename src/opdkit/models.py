@@ -6,6 +6,8 @@ Loading is safe by default: weights through safetensors (``use_safetensors=True`
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,38 @@ def tiny_qwen3(spec: TinyQwen3Spec, *, seed: int = 0, pad_token_id: int | None =
     return model.eval()
 
 
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(value: str, field: str) -> str | None:
+    """Why ``value`` cannot be loaded (one line naming ``field`` and the fix), or None when it can.
+
+    Checked before any model loads (``--dry-run`` too): an existing path must be a readable directory with
+    a ``config.json``; anything else must be a hub id that is in the local Hugging Face cache, or one
+    that may be downloaded (not with ``HF_HUB_OFFLINE=1``)."""
+    p = Path(value).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            return f"{field} = {value!r} is a file; give the directory save_pretrained wrote"
+        if not os.access(p, os.R_OK | os.X_OK):
+            return f"{field} = {value!r} is not readable (permissions); fix them or copy the model"
+        if not (p / "config.json").is_file():
+            return f"{field} = {value!r} has no config.json: not a save_pretrained directory"
+        return None
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+    if looks_local or not _HUB_ID_RE.match(value):
+        return f"{field} = {value!r}: no such directory; give a save_pretrained directory or a hub id"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(value, "config.json")
+    if isinstance(cached, str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return (f"{field} = {value!r}: no such directory, and this hub id is not in the local cache while "
+                f"HF_HUB_OFFLINE is set; download it first (`hf download {value}`) or give a local path")
+    return None
+
+
 def load_model(path_or_id: str | Path, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
@@ -75,10 +109,10 @@ def load_model(path_or_id: str | Path, *, dtype: str | torch.dtype = "float32",
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"could not load a causal LM from {str(path_or_id)!r}: {e}\n"
-            "Give a directory written by save_pretrained (with model.safetensors) or a hub id "
-            "that is in the local cache.") from e
+            f"could not load a causal LM from {str(path_or_id)!r} ({first}); give a directory written by "
+            "save_pretrained (with model.safetensors) or a hub id that is in the local cache") from e
     return model.to(device or default_device())
 
 
@@ -86,7 +120,12 @@ def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False):
     """Load a tokenizer with ``AutoTokenizer.from_pretrained``; sets pad = eos when pad is missing."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"could not load a tokenizer from {str(path_or_id)!r} ({first}); give a "
+                                "save_pretrained directory with the tokenizer files or a cached hub id") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -56,6 +56,23 @@ def load_benchmarks(spec: str, data_dir: str = "", limit: int = 0) -> dict:
     return out
 
 
+def parse_ks(spec: str, n: int) -> tuple[int, ...]:
+    """``--k 1,8`` with ``--n 8`` -> (1, 8); one actionable line for anything else."""
+    if n < 1:
+        raise ValueError(f"--n {n}: the number of samples per problem must be at least 1 (e.g. --n 8)")
+    try:
+        ks = tuple(int(k) for k in spec.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"--k {spec!r} must be comma-separated whole numbers, e.g. --k 1,8") from None
+    if not ks:
+        raise ValueError("--k is empty; give the k of pass@k, e.g. --k 1,8")
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"--k {spec}: pass@k needs 1 <= k <= --n (= {n}); {bad} is out of range: "
+                         f"raise --n to {max(bad)} or drop those k")
+    return ks
+
+
 def run(args) -> int:
     import torch
 
@@ -63,7 +80,17 @@ def run(args) -> int:
     from opdkit.eval.runner import evaluate, write_results
     from opdkit.models import load_model, load_tokenizer
 
-    ks = tuple(int(k) for k in args.k.split(",") if k.strip())
+    ks = parse_ks(args.k, args.n)
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--prompts-per-batch", args.prompts_per_batch)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    if args.limit < 0:
+        raise ValueError(f"--limit {args.limit} must be >= 0 (0 = every problem)")
+    from opdkit.models import check_model_source
+
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if value and (why := check_model_source(value, flag)):
+            raise ValueError(why)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     benches = load_benchmarks(args.benchmarks, args.data_dir, args.limit)

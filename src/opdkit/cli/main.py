@@ -25,6 +25,7 @@ def _optional_commands() -> None:
 def build_parser() -> argparse.ArgumentParser:
     _optional_commands()
     parser = argparse.ArgumentParser(prog="opdkit", description="On-policy distillation of language models.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMANDS.values():
         mod.add_parser(sub)
@@ -32,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; a user-facing error is one line on stderr (the traceback only with --debug)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = [a for a in argv if a != "--debug"]
     if not args.command:
         parser.print_help()
         return 2
@@ -42,11 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"opdkit {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # our clear, user-facing errors
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # our clear, user-facing errors
+        if args.debug:
+            raise
         print(f"opdkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"opdkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

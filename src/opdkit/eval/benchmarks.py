@@ -85,7 +85,7 @@ def _row_to_problem(
 ) -> Problem:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for name in (problem_field, answer_field) + ((id_field,) if id_field else ()):
+    for name in (problem_field, answer_field):
         if name not in row:
             raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
     problem = row[problem_field]
@@ -94,7 +94,7 @@ def _row_to_problem(
     if not problem.strip():
         raise DataError(f"{where}: field {problem_field!r} is empty")
     answer = _answer_str(row[answer_field], where, answer_field)
-    if id_field:
+    if id_field and id_field in row:  # optional: without it the id is "<file stem>-<line number>"
         raw_id = row[id_field]
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id).strip() == "":
             raise DataError(
@@ -130,9 +130,10 @@ def load_jsonl_problems(
 ) -> list[Problem]:
     """Load a JSON Lines file of problems.
 
-    Every non-blank line must be a JSON object with a string `problem_field`, an `answer_field`
-    (string or number; numbers become strings, ``27.0`` -> ``"27"``) and, unless `id_field` is
-    None, an `id_field` (ids must be unique; with ``id_field=None`` ids are ``"<stem>-<line>"``).
+    Every non-blank line must be a JSON object with a string `problem_field` and an `answer_field`
+    (string or number; numbers become strings, ``27.0`` -> ``"27"``); both are required. An
+    `id_field` is optional: rows without one (or every row, with ``id_field=None``) get the id
+    ``"<stem>-<line>"``; ids must be unique.
     Other fields go to :attr:`Problem.extra`. Any malformed row raises :class:`DataError` naming
     the file and line number; rows are never skipped silently (blank lines are allowed).
     """
@@ -272,7 +273,9 @@ def load_benchmark(
         return load_jsonl_problems(path)
     if path.suffix == ".jsonl" or os.sep in key or (os.altsep and os.altsep in key):
         raise FileNotFoundError(f"no such benchmark file: {key!r}")
+    from opdkit.tasks.chain import BENCHMARK_KS
+
     raise ValueError(
-        f"unknown benchmark {key!r}; valid names: {', '.join(sorted(BENCHMARKS))} "
-        "(or pass a path to a .jsonl file)"
+        f"unknown benchmark {key!r}; valid names: {', '.join(sorted(BENCHMARKS))}, the CPU miniature's "
+        f"chain benchmarks ({', '.join(BENCHMARK_KS)}), or a path to a .jsonl file"
     )

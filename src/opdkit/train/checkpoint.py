@@ -4,6 +4,9 @@ A checkpoint is written into ``checkpoints/.tmp-step_N`` and renamed to ``checkp
 after every file is flushed and a ``COMPLETE`` marker is written, so a process killed (even with
 SIGKILL) while writing leaves the previous checkpoint intact; leftovers of a killed write are ignored
 and removed at the next save. Everything is loaded with safetensors or ``torch.load(weights_only=True)``.
+
+Each checkpoint's ``COMPLETE`` marker holds its step and the run id (``run.json``, see
+:mod:`opdkit.train.rundir`); discovery, pruning and ``--resume`` only ever see the current run's checkpoints.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def write_rank_state(root: Path, step: int, rank: int, state: dict) -> None:
 
 
 def commit_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                      keep: int = 2) -> Path:
+                      keep: int = 2, run_id: str = "") -> Path:
     """Write the shared state and atomically publish ``root/step_N`` (rank 0 only)."""
     root = Path(root)
     tmp = rank_tmp_dir(root, step)
@@ -84,7 +87,7 @@ def commit_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, tra
     _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
     _torch_save(trainer_state, tmp / "trainer_state.pt")
     with open(tmp / "COMPLETE", "w") as f:
-        f.write(str(step))
+        f.write(f"{step}\n{run_id}\n")
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -93,30 +96,39 @@ def commit_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, tra
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    prune(root, keep)
+    prune(root, keep, run_id=run_id)
     return final
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+def checkpoint_run_id(path: Path) -> str:
+    """The run id stamped in a checkpoint's ``COMPLETE`` marker ('' when it has none)."""
+    lines = (Path(path) / "COMPLETE").read_text().splitlines()
+    return lines[1].strip() if len(lines) > 1 else ""
+
+
+def complete_checkpoints(root: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the complete checkpoints under ``root``, oldest first; with ``run_id``, only
+    that run's."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for d in root.iterdir():
         m = _STEP_RE.match(d.name)
-        if m and (d / "COMPLETE").is_file():
+        if m and (d / "COMPLETE").is_file() and (run_id is None or checkpoint_run_id(d) == run_id):
             out.append((int(m.group(1)), d))
     return sorted(out)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    ckpts = complete_checkpoints(root)
+def latest_checkpoint(root: Path, run_id: str | None = None) -> Path | None:
+    ckpts = complete_checkpoints(root, run_id)
     return ckpts[-1][1] if ckpts else None
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; remove leftovers of interrupted writes."""
-    for _, d in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+def prune(root: Path, keep: int, run_id: str | None = None) -> None:
+    """Keep the ``keep`` newest complete checkpoints (of ``run_id``'s run, when given; others are never
+    touched); remove leftovers of interrupted writes."""
+    for _, d in complete_checkpoints(root, run_id)[:-keep] if keep > 0 else []:
         shutil.rmtree(d, ignore_errors=True)
     for d in Path(root).glob(".tmp-step_*"):
         shutil.rmtree(d, ignore_errors=True)

@@ -24,15 +24,35 @@ from opdkit.rollout.preflight import check_tokenizers, newline_token_ids
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
 from opdkit.train import checkpoint as ckpt
+from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import check_world, format_plan, resolve_plan
 from opdkit.train.rewards import get_reward
+from opdkit.train.rundir import RunDirError, RunRecord, open_run, read_run, truncate_metrics
 from opdkit.train.sg_opd import alpha_at, apply_sign_gate, teacher_phase
 from opdkit.train.telemetry import MetricsLogger
 from opdkit.train.update import UpdateSpec, run_update
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many non-finite updates in a row."""
+    """Too many non-finite updates in a row, or a divergence the monitor detected (message says what)."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: ``step`` is the rollout step that was running, ``checkpoint_step`` the step
+    of the last complete checkpoint of this run (None: none yet), which ``--resume`` continues from."""
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        super().__init__(f"interrupted at rollout step {step}")
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+
+def _open_run_dir(acc, out_dir: Path, cfg: Config, *, resume: bool, overwrite: bool, log) -> RunRecord:
+    """Check / create the run directory on the main process (refusing before any model loads), then give
+    every process the run id: checkpoints are stamped with it and only this run's are ever read."""
+    if acc.is_main_process:
+        open_run(out_dir, to_dict(cfg), resume=resume, overwrite=overwrite, log=log)
+    acc.wait_for_everyone()
+    return read_run(out_dir)
 
 
 def _accelerator(cfg: Config):
@@ -105,8 +125,11 @@ def _apply_lora(cfg: Config, model):
     return get_peft_model(model, lcfg)
 
 
-def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
-    """Run (or resume) OPD training as configured; returns the directory of the final model."""
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_fn=print) -> Path:
+    """Run (or resume) OPD training as configured; returns the directory of the final model.
+
+    ``train.output_dir`` must be empty or hold no run, unless ``resume`` (continue this run, with the
+    recorded settings) or ``overwrite`` (delete the old run first): see :mod:`opdkit.train.rundir`."""
     acc = _accelerator(cfg)
     rank, world = acc.process_index, acc.num_processes
     is_main = acc.is_main_process
@@ -118,6 +141,11 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
     log = print_fn if is_main else (lambda *a, **k: None)
+    run = _open_run_dir(acc, out_dir, cfg, resume=resume, overwrite=overwrite, log=log)
+    if resume and run.finished_step == cfg.train.train_steps:
+        log(f"--resume: the run in {out_dir} already finished its {run.finished_step} rollout steps; "
+            f"nothing to do (raise train.train_steps to extend it)")
+        return out_dir / "final"
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
     teacher_tok = load_tokenizer(cfg.model.teacher, trust_remote_code=cfg.model.trust_remote_code)
@@ -157,26 +185,36 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
         student.generation_config.eos_token_id if isinstance(student.generation_config.eos_token_id, list) else []))
 
     start_step, bad_streak = 0, 0
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    monitor = DivergenceMonitor(factor=cfg.train.divergence_factor,
+                                zero_grad_updates=cfg.train.divergence_zero_grad_updates)
+    latest = ckpt.latest_checkpoint(ckpt_root, run.run_id) if resume else None
     if latest is not None:
         tstate, rstate = ckpt.load_checkpoint(latest, model=student, optimizer=optimizer, scheduler=scheduler,
                                               rank=rank)
         start_step, bad_streak = int(tstate["step"]), int(tstate["bad_streak"])
         source.load_state(tstate["data"])
+        monitor.load_state(tstate.get("divergence", {}))
         ckpt.set_rng_state(rstate["rng"], generator)
         log(f"resumed from {latest} at rollout step {start_step}")
+        if start_step > cfg.train.train_steps:
+            raise RunDirError(f"--resume: the last checkpoint is at rollout step {start_step}, past "
+                              f"train.train_steps = {cfg.train.train_steps}; raise train.train_steps")
     elif resume:
-        log(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
+        log(f"--resume: no complete checkpoint of this run in {ckpt_root}; starting from rollout step 0")
 
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # each rollout step appears once: drop what ran after the checkpoint
+            truncate_metrics(out_dir / "metrics.jsonl", start_step)
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     log("opdkit train — resolved plan\n" + format_plan(plan) +
         f"\n  prompts available  {len(source):,} ({source.dropped} dropped as longer than "
         f"{cfg.data.max_prompt_tokens} tokens)\n  shared vocabulary  {vocab:,}\n  output  {out_dir}")
     logger = MetricsLogger(out_dir, enabled=is_main, tensorboard=cfg.train.tensorboard,
-                           wandb_project=cfg.train.wandb_project, config=to_dict(cfg), resume=latest is not None)
+                           wandb_project=cfg.train.wandb_project, config=to_dict(cfg), resume=resume)
+    if resume:
+        logger.log("resume", {"from_step": start_step, "run_id": run.run_id,
+                              "changed": run.resumes[-1]["changed"] if run.resumes else {}}, step=0)
     bar = None
     if is_main and cfg.train.progress:
         from tqdm.auto import tqdm
@@ -191,80 +229,109 @@ def train(cfg: Config, *, resume: bool = False, print_fn=print) -> Path:
 
     update_idx = start_step * plan["optimizer_updates_per_rollout_step"]
 
-    for step in range(start_step, cfg.train.train_steps):
-        t0 = time.perf_counter()
-        pos = source.next(cfg.rollout.prompts_per_step)[rank::world]
-        with autocast:
-            batch = sample_rollouts(student, [source.prompt_ids[i] for i in pos], sampling, eos_token_ids=eos_ids,
-                                    pad_token_id=tok.pad_token_id, generator=generator,
-                                    prompt_indices=[source.indices[i] for i in pos],
-                                    group_offset=(step * world + rank) * len(pos),
-                                    answers=[source.answers[i] for i in pos])
-        t1 = time.perf_counter()
-        if reward_fn is not None:
-            batch.rewards_B = torch.tensor(reward_fn(decode(batch), batch.answers), dtype=torch.float32,
-                                           device=device)
-        t2 = time.perf_counter()
-        with autocast:
-            batch = score_with_teacher(teacher, batch, topk=cfg.loss.topk if spec.loss.needs_support else 0,
-                                       microbatch_size=cfg.train.teacher_microbatch_size,
-                                       chunk_size=cfg.train.logprob_chunk_size, vocab_limit=vocab)
-        sg_rec, sft, alpha = {}, None, alpha_at(step, n_phase, cfg.sg.alpha)
-        if cfg.loss.advantage == "sign_gated":
-            batch, sg_rec = apply_sign_gate(batch, lam=cfg.sg.lam, beta=cfg.sg.beta, baseline=cfg.sg.baseline)
-        if step < n_phase:
+    step = start_step
+    try:
+        for step in range(start_step, cfg.train.train_steps):
+            t0 = time.perf_counter()
+            pos = source.next(cfg.rollout.prompts_per_step)[rank::world]
             with autocast:
-                sft, counts = teacher_phase(
-                    teacher, [source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
-                    samples_per_prompt=cfg.sg.teacher_samples_per_prompt, sampling=sampling, eos_token_ids=eos_ids,
-                    pad_token_id=tok.pad_token_id, generator=generator, decode=decode, reward_fn=reward_fn)
-            sg_rec.update(counts, sg_alpha=alpha)
-        t3 = time.perf_counter()
-        upd = []
-        for p in range(cfg.train.rollout_passes):
-            order = torch.randperm(rows_pp, generator=torch.Generator().manual_seed(
-                cfg.train.seed * 1_000_003 + step * 101 + p)).tolist()
-            size = rows_pp // cfg.train.minibatches_per_pass
-            for j in range(cfg.train.minibatches_per_pass):
+                batch = sample_rollouts(student, [source.prompt_ids[i] for i in pos], sampling, eos_token_ids=eos_ids,
+                                        pad_token_id=tok.pad_token_id, generator=generator,
+                                        prompt_indices=[source.indices[i] for i in pos],
+                                        group_offset=(step * world + rank) * len(pos),
+                                        answers=[source.answers[i] for i in pos])
+            t1 = time.perf_counter()
+            if reward_fn is not None:
+                batch.rewards_B = torch.tensor(reward_fn(decode(batch), batch.answers), dtype=torch.float32,
+                                               device=device)
+            t2 = time.perf_counter()
+            with autocast:
+                batch = score_with_teacher(teacher, batch, topk=cfg.loss.topk if spec.loss.needs_support else 0,
+                                           microbatch_size=cfg.train.teacher_microbatch_size,
+                                           chunk_size=cfg.train.logprob_chunk_size, vocab_limit=vocab)
+            sg_rec, sft, alpha = {}, None, alpha_at(step, n_phase, cfg.sg.alpha)
+            if cfg.loss.advantage == "sign_gated":
+                batch, sg_rec = apply_sign_gate(batch, lam=cfg.sg.lam, beta=cfg.sg.beta, baseline=cfg.sg.baseline)
+            if step < n_phase:
                 with autocast:
-                    m = run_update(student, optimizer, scheduler, batch.select(order[j * size:(j + 1) * size]),
-                                   spec, world=acc, sft_batch=sft, sft_weight=alpha)
-                update_idx += 1
-                bad_streak = bad_streak + 1 if m["skipped"] else 0
-                logger.log("update", {"step": step, "update": update_idx, "pass": p, **m}, step=update_idx)
-                upd.append(m)
-                if bad_streak >= cfg.train.max_bad_updates:
-                    raise TrainingDiverged(
-                        f"{bad_streak} non-finite updates in a row at rollout step {step}: lower optim.lr, "
-                        f"check the teacher's log-probs, or raise train.max_bad_updates")
-        t4 = time.perf_counter()
-        gen_tokens = float(acc.reduce(torch.tensor(float(batch.num_tokens()), device=device), "sum"))
-        solve = float(acc.reduce(batch.rewards_B.float().mean(), "mean")) if batch.rewards_B is not None else None
-        rec = {"step": step, "loss": sum(u["loss"] for u in upd) / len(upd),
-               "sampled_rkl": upd[0]["sampled_rkl"], "drift_abs_mean": upd[-1]["drift_abs_mean"],
-               "gate_min": min(u["gate_min"] for u in upd), "gate_max": max(u["gate_max"] for u in upd),
-               "gate_std": upd[-1]["gate_std"], "response_len": batch.response_lengths_B.float().mean().item(),
-               "stop_eos": batch.stop_reasons.count("eos") / max(1, batch.size),
-               "stop_length": batch.stop_reasons.count("length") / max(1, batch.size),
-               "solve_rate": solve, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2,
-               "time/update": t4 - t3, "time/step": t4 - t0, "tokens_per_s": gen_tokens / max(t4 - t0, 1e-9),
-               "skipped_updates": sum(u["skipped"] for u in upd), **sg_rec}
-        logger.log("step", rec, step=update_idx)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3g}", kl=f"{rec['sampled_rkl']:.3g}",
-                            gate=f"{rec['gate_min']:.2f}-{rec['gate_max']:.2f}",
-                            solve="-" if solve is None else f"{solve:.2f}")
-        if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \
-                and step + 1 < cfg.train.train_steps:
-            _save(acc, ckpt_root, step + 1, student, optimizer, scheduler, source, generator, bad_streak, cfg)
+                    sft, counts = teacher_phase(
+                        teacher, [source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
+                        samples_per_prompt=cfg.sg.teacher_samples_per_prompt, sampling=sampling, eos_token_ids=eos_ids,
+                        pad_token_id=tok.pad_token_id, generator=generator, decode=decode, reward_fn=reward_fn)
+                sg_rec.update(counts, sg_alpha=alpha)
+            t3 = time.perf_counter()
+            upd = []
+            for p in range(cfg.train.rollout_passes):
+                order = torch.randperm(rows_pp, generator=torch.Generator().manual_seed(
+                    cfg.train.seed * 1_000_003 + step * 101 + p)).tolist()
+                size = rows_pp // cfg.train.minibatches_per_pass
+                for j in range(cfg.train.minibatches_per_pass):
+                    with autocast:
+                        m = run_update(student, optimizer, scheduler, batch.select(order[j * size:(j + 1) * size]),
+                                       spec, world=acc, sft_batch=sft, sft_weight=alpha)
+                    update_idx += 1
+                    bad_streak = bad_streak + 1 if m["skipped"] else 0
+                    warn = monitor.update(m)
+                    logger.log("update", {"step": step, "update": update_idx, "pass": p, **m,
+                                          **({"divergence": warn} if warn else {})}, step=update_idx)
+                    upd.append(m)
+                    if warn:
+                        _diverging(warn, step, cfg, bar, log)
+                    if bad_streak >= cfg.train.max_bad_updates:
+                        raise TrainingDiverged(
+                            f"{bad_streak} non-finite updates in a row at rollout step {step}: lower optim.lr, "
+                            f"check the teacher's log-probs, or raise train.max_bad_updates")
+            t4 = time.perf_counter()
+            gen_tokens = float(acc.reduce(torch.tensor(float(batch.num_tokens()), device=device), "sum"))
+            solve = float(acc.reduce(batch.rewards_B.float().mean(), "mean")) if batch.rewards_B is not None else None
+            # sampled_rkl from the first update: the KL of the rollouts under the policy that sampled them
+            # (before this batch moved it); drift from the last update: the most the batch's reuse moved it.
+            rec = {"step": step, "loss": sum(u["loss"] for u in upd) / len(upd),
+                   "sampled_rkl": upd[0]["sampled_rkl"], "drift_abs_mean": upd[-1]["drift_abs_mean"],
+                   "gate_min": min(u["gate_min"] for u in upd), "gate_max": max(u["gate_max"] for u in upd),
+                   "gate_std": upd[-1]["gate_std"], "response_len": batch.response_lengths_B.float().mean().item(),
+                   "stop_eos": batch.stop_reasons.count("eos") / max(1, batch.size),
+                   "stop_length": batch.stop_reasons.count("length") / max(1, batch.size),
+                   "solve_rate": solve, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2,
+                   "time/update": t4 - t3, "time/step": t4 - t0, "tokens_per_s": gen_tokens / max(t4 - t0, 1e-9),
+                   "skipped_updates": sum(u["skipped"] for u in upd), **sg_rec}
+            warn = monitor.step(rec)
+            logger.log("step", {**rec, **({"divergence": warn} if warn else {})}, step=update_idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3g}", kl=f"{rec['sampled_rkl']:.3g}",
+                                gate=f"{rec['gate_min']:.2f}-{rec['gate_max']:.2f}",
+                                solve="-" if solve is None else f"{solve:.2f}",
+                                **({"warn": "DIVERGING"} if warn else {}))
+            if warn:
+                _diverging(warn, step, cfg, bar, log)
+            if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \
+                    and step + 1 < cfg.train.train_steps:
+                _save(acc, ckpt_root, step + 1, student, optimizer, scheduler, source, generator, cfg,
+                      {"bad_streak": bad_streak, "divergence": monitor.state()}, run.run_id)
+    except KeyboardInterrupt:  # the message, not a traceback, and how to continue
+        last = ckpt.latest_checkpoint(ckpt_root, run.run_id)
+        raise TrainingInterrupted(step, int(last.name.split("_")[1]) if last else None) from None
     if bar is not None:
         bar.close()
     logger.close()
-    return _save_final(acc, student, tok, out_dir, lora=bool(cfg.model.lora_r))
+    final = _save_final(acc, student, tok, out_dir, lora=bool(cfg.model.lora_r))
+    if is_main:
+        run.finished_step = cfg.train.train_steps
+        run.save(out_dir)
+    return final
 
 
-def _save(acc, root, step, model, optimizer, scheduler, source, generator, bad_streak, cfg) -> None:
+def _diverging(warn: str, step: int, cfg: Config, bar, log) -> None:
+    """Say it in the progress line and the log; stop the run when ``train.stop_on_divergence``."""
+    msg = f"rollout step {step}: {warn}"
+    (bar.write if bar is not None else log)(f"warning: {msg}")
+    if cfg.train.stop_on_divergence:
+        raise TrainingDiverged(f"diverged at {msg}; lower optim.lr (now {cfg.optim.lr:g}) or "
+                               f"train.rollout_passes, or set train.stop_on_divergence=false to go on anyway")
+
+
+def _save(acc, root, step, model, optimizer, scheduler, source, generator, cfg, extra: dict, run_id: str) -> None:
     if acc.is_main_process:
         ckpt.rank_tmp_dir(root, step).mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -272,7 +339,7 @@ def _save(acc, root, step, model, optimizer, scheduler, source, generator, bad_s
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.commit_checkpoint(root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                               trainer_state={"step": step, "bad_streak": bad_streak, "data": source.state()},
+                               trainer_state={"step": step, "data": source.state(), **extra}, run_id=run_id,
                                keep=cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 
+def strict_json_value(v):
+    """Non-finite floats become ``None`` (JSON ``null``), recursively, so every line is strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: strict_json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json_value(x) for x in v]
+    return v
+
+
 class MetricsLogger:
-    """Append one JSON line per record to ``out_dir/metrics.jsonl`` (rank 0 only)."""
+    """Append one JSON line per record to ``out_dir/metrics.jsonl`` (rank 0 only).
+
+    Lines are strict JSON: a non-finite value is written as ``null`` (Python's ``json`` would write a bare
+    ``NaN``, which other JSON readers reject)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool = True, tensorboard: bool = False,
                  wandb_project: str = "", config: dict | None = None, resume: bool = False):
@@ -36,10 +51,10 @@ class MetricsLogger:
     def log(self, kind: str, record: dict, *, step: int) -> None:
         if not self.enabled:
             return
-        rec = {"kind": kind, "time": round(time.time(), 3), **record}
+        rec = strict_json_value({"kind": kind, "time": round(time.time(), 3), **record})
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        scalars = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
+        scalars = {f"{kind}/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and k != "time"}
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
