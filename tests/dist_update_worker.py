@@ -1,7 +1,11 @@
 """Run by tests/test_distributed.py under torch.distributed.run: one update on a fixed rollout batch.
 
 Every process builds the same batch (seeded sampling) and the same drifted student, takes its share of
-rows, and runs ``run_update`` with the accelerate world; rank 0 saves the updated weights.
+rows, and runs ``run_update`` with the accelerate world; rank 0 saves the gradients the optimizer step
+receives (summed over processes, divided by the global denominator, clipped) and the loss.
+
+Gradients, not weights after the step: AdamW's first step is ``lr * g / (|g| + eps)``, which turns a
+float32-rounding difference in a near-zero gradient element into a weight difference of order ``lr``.
 """
 
 import faulthandler
@@ -40,10 +44,22 @@ def main(student_dir, teacher_dir, out, loss, gate, reduction):
     spec = build_update_spec(cfg, tok, None)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    names = {id(p): n for n, p in student.named_parameters()}
+    grads = {}
+
+    def capture(optimizer, args, kwargs):  # what the optimizer step is given
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[names[id(p)]] = p.grad.detach().clone().contiguous()
+
+    opt.register_step_pre_hook(capture)
     rows = list(range(batch.size))[acc.process_index::acc.num_processes]
     metrics = run_update(student, opt, sched, batch.select(rows), spec, world=acc)
     if acc.is_main_process:
-        save_file({n: p.detach().contiguous() for n, p in student.named_parameters()}, out)
+        tokens = float(batch.response_mask_BT.sum())
+        save_file({**grads, "__loss__": torch.tensor([metrics["loss"]], dtype=torch.float64),
+                   "__tokens__": torch.tensor([tokens])}, out)
         print("loss", metrics["loss"], "gate_min", metrics["gate_min"])
 
 

@@ -1,7 +1,6 @@
 """The CPU miniature: presets, collapse counting, and `opdkit demo --quick` end to end (slow)."""
 
 import json
-import time
 
 import pytest
 
@@ -45,9 +44,7 @@ def test_shipped_checkpoints_exist_and_load():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    t0 = time.time()
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    wall = time.time() - t0
     out = capsys.readouterr().out
     assert "pass@8 (%)" in out and "base student" in out and "LSM+NewlineSpan" in out
     for f in ("report.md", "report.csv", "bars.png", "passk.png", "training.png", "collapse.json", "traces.md",
@@ -55,7 +52,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (tmp_path / "report" / f).is_file(), f
     assert "| base student | 1 |" in (tmp_path / "report" / "traces.md").read_text()
     assert "| OPD-seed0 |" in (tmp_path / "report" / "training.md").read_text()
-    assert wall < 300, f"--quick took {wall:.0f} s"
+    # (its wall time is a benchmark figure, in the README, not a test: CI machines may be busy)
 
 
 def test_trace_errors_classifies_step_counts_and_prefixes():
@@ -163,3 +160,12 @@ def test_resume_refuses_a_finished_job_with_other_settings(tmp_path):
     assert runner._finished(tmp_path, "opd-seed0", "opd", quick) == run
     with pytest.raises(ValueError, match="other settings"):
         runner._finished(tmp_path, "opd-seed0", "opd", get_preset("fragile"))
+
+
+def test_demo_refuses_an_earlier_runs_out_without_resume_or_overwrite(tmp_path):
+    (tmp_path / "runs" / "opd-seed0").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="--resume keeps the finished ones, --overwrite deletes them"):
+        main(["demo", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="pass one"):
+        main(["demo", "--quick", "--out", str(tmp_path), "--resume", "--overwrite"])
+    assert (tmp_path / "runs" / "opd-seed0").is_dir()

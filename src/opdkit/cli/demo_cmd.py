@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
                         "loss / gate / advantage settings still apply), e.g. --set optim.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="keep the jobs of an earlier run in --out that finished "
                                                          "(their eval/results.json exists); run only the rest")
+    p.add_argument("--overwrite", action="store_true", help="delete the jobs of an earlier run in --out and run "
+                                                            "everything again")
 
 
 TRACES_HEAD = ("# How the evaluated traces end\n\nPercent of all evaluated samples (every benchmark, every seed): "
@@ -78,6 +80,18 @@ def run(args) -> int:
             load_config(None, [*preset.train], need_models=False)
         except ConfigError as e:
             raise SystemExit(f"--set: {e}") from None
+    runs_dir = out / "runs"
+    if runs_dir.is_dir() and any(runs_dir.iterdir()):
+        if args.resume and args.overwrite:
+            raise SystemExit("--resume keeps the finished jobs in --out and --overwrite deletes them: pass one")
+        if not (args.resume or args.overwrite):
+            raise SystemExit(f"{out} holds the jobs of an earlier demo run: --resume keeps the finished ones, "
+                             f"--overwrite deletes them and runs everything again, or choose another --out")
+        if args.overwrite:
+            import shutil
+
+            shutil.rmtree(runs_dir)
+            print(f"--overwrite: removed the earlier demo jobs in {runs_dir}")
     t0 = time.perf_counter()
     if args.from_scratch:
         student, teacher = _prepare(out / "models")

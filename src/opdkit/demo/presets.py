@@ -44,6 +44,7 @@ class Preset:
 _COMMON = ["rollout.samples_per_prompt=4", "rollout.max_new_tokens=300", "rollout.reward=chain",
            "rollout.top_p=0.9", "loss.topk=8", "train.microbatch_size=16", "train.teacher_microbatch_size=16",
            "train.save_every_steps=0", "train.threads=1", "train.device=cpu", "optim.max_grad_norm=1.0",
+           "train.stop_on_divergence=false",  # the demo measures collapses: warn (metrics.jsonl), never stop
            "data.prompt_template={problem}\n", "data.chat_template=false", "data.max_prompt_tokens=128",
            *MINI_GATE]
 

@@ -65,7 +65,9 @@ def train_job(name: str, seed: int, preset: Preset, student: Path, teacher: Path
                                                   "settings": job_settings(name, preset)}))
     log = run / "job.log"
     log.write_text("")
-    _run([sys.executable, "-m", "opdkit.cli.main", "train", *over], log)
+    # --overwrite: a job the demo (re)starts replaces the unfinished one it may have left (run_all keeps
+    # finished jobs only with --resume, and the demo refuses an earlier run's --out without one of its flags)
+    _run([sys.executable, "-m", "opdkit.cli.main", "train", *over, "--overwrite"], log)
     _run(eval_cmd(run / "final", run / "eval", preset, f"{label}-seed{seed}", seed), log)
     return run
 
