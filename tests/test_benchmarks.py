@@ -85,7 +85,7 @@ def test_dapo17k_loads():
         ('["not", "an", "object"]', "expected a JSON object"),
         ({"id": "p3", "problem": "x"}, "missing field 'answer'"),
         ({"id": "p3", "answer": "1"}, "missing field 'problem'"),
-        ({"problem": "x", "answer": "1"}, "missing field 'id'"),
+        ({"id": "", "problem": "x", "answer": "1"}, "must be a non-empty string or integer"),
         ({"id": "p3", "problem": 5, "answer": "1"}, "'problem' must be a string"),
         ({"id": "p3", "problem": "   ", "answer": "1"}, "'problem' is empty"),
         ({"id": "p3", "problem": "x", "answer": None}, "'answer' must be a string or number"),
