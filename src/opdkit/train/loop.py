@@ -142,7 +142,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_f
     ckpt_root = out_dir / "checkpoints"
     log = print_fn if is_main else (lambda *a, **k: None)
     run = _open_run_dir(acc, out_dir, cfg, resume=resume, overwrite=overwrite, log=log)
-    if resume and run.finished_step == cfg.train.train_steps:
+    if resume and run.finished_step == cfg.train.train_steps and (out_dir / "final").is_dir():
         log(f"--resume: the run in {out_dir} already finished its {run.finished_step} rollout steps; "
             f"nothing to do (raise train.train_steps to extend it)")
         return out_dir / "final"
