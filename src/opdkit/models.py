@@ -97,6 +97,19 @@ def check_model_source(value: str, field: str) -> str | None:
     return None
 
 
+def require_model_sources(fields: list[tuple[str, str]], error=ValueError) -> None:
+    """Raise ``error`` with :func:`check_model_source`'s line for the first unloadable ``(field, value)``."""
+    for name, value in fields:
+        if value and (why := check_model_source(value, name)):
+            raise error(why)
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message (transformers' OSErrors run to several lines)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_model(path_or_id: str | Path, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
@@ -109,9 +122,8 @@ def load_model(path_or_id: str | Path, *, dtype: str | torch.dtype = "float32",
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"could not load a causal LM from {str(path_or_id)!r} ({first}); give a directory written by "
+            f"could not load a causal LM from {str(path_or_id)!r} ({_first_line(e)}); give a directory written by "
             "save_pretrained (with model.safetensors) or a hub id that is in the local cache") from e
     return model.to(device or default_device())
 
@@ -123,8 +135,7 @@ def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"could not load a tokenizer from {str(path_or_id)!r} ({first}); give a "
+        raise FileNotFoundError(f"could not load a tokenizer from {str(path_or_id)!r} ({_first_line(e)}); give a "
                                 "save_pretrained directory with the tokenizer files or a cached hub id") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

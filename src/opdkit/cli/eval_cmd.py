@@ -86,11 +86,9 @@ def run(args) -> int:
             raise ValueError(f"{flag} {value} must be at least 1")
     if args.limit < 0:
         raise ValueError(f"--limit {args.limit} must be >= 0 (0 = every problem)")
-    from opdkit.models import check_model_source
+    from opdkit.models import require_model_sources
 
-    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
-        if value and (why := check_model_source(value, flag)):
-            raise ValueError(why)
+    require_model_sources([("--model", args.model), ("--tokenizer", args.tokenizer)])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     benches = load_benchmarks(args.benchmarks, args.data_dir, args.limit)

@@ -44,14 +44,11 @@ def add_parser(sub) -> None:
 def _check_models(cfg) -> list[str]:
     """Refuse a missing or unreadable model path before anything loads; notes for hub ids to download."""
     from opdkit.config import ConfigError
-    from opdkit.models import check_model_source
+    from opdkit.models import require_model_sources
 
-    fields = [("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)]
-    if cfg.model.tokenizer:
-        fields.append(("model.tokenizer", cfg.model.tokenizer))
-    for name, value in fields:
-        if value and (why := check_model_source(value, name)):
-            raise ConfigError(why)
+    fields = [("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher),
+              ("model.tokenizer", cfg.model.tokenizer)]
+    require_model_sources(fields, ConfigError)
     return [f"{name} = {value!r} is a hub id: it is downloaded unless cached" for name, value in fields
             if value and not Path(value).expanduser().exists()]
 
@@ -82,7 +79,7 @@ def run(args) -> int:
         where = (f"the last checkpoint is at rollout step {e.checkpoint_step}" if e.checkpoint_step is not None
                  else "no checkpoint yet, so --resume starts from rollout step 0")
         print(f"opdkit train: interrupted at rollout step {e.step} ({where}); continue with: "
-              f"{resume_command(getattr(args, 'argv', sys.argv[1:]))}", file=sys.stderr)
+              f"{resume_command(args.argv)}", file=sys.stderr)
         return 130
     except TrainingDiverged as e:
         print(f"opdkit train: {e}", file=sys.stderr)
