@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from opdkit.models import TinyQwen3Spec, tiny_qwen3
 from opdkit.rollout import sampler
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.scoring import response_logprobs
+from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
 
 SPEC = TinyQwen3Spec(vocab_size=768, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                      intermediate_size=768)

@@ -2,7 +2,7 @@
 running long; README, "The CPU miniature").
 
 Samples ``--samples`` rollouts per problem of ``chain{--k}`` from a student, scores them with the teacher
-and reports the sampled-token OPD advantage ``A_t = log q − log π_old`` (methods.md §2.1) at every line
+and reports the sampled-token OPD advantage ``A_t = log q − log π_old`` (docs/methods.md §2.1) at every line
 start, split by what the student did there: wrote ``answer`` before step k, went on at step k, wrote
 ``answer`` at step k, wrote ``answer`` after running past step k.
 
@@ -18,9 +18,9 @@ import statistics
 import torch
 
 from opdkit.demo.runner import shipped_models
-from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
+from opdkit.runtime.models import load_model, load_tokenizer
 from opdkit.tasks.chain import make_benchmark, parse_problem
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from opdkit.models import TinyQwen3Spec, tiny_qwen3
+from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
 from opdkit.tokenizer import char_tokenizer
 
 torch.set_num_threads(1)

@@ -16,9 +16,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from opdkit.config import load_config
-from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
+from opdkit.runtime.models import load_model, load_tokenizer
 from opdkit.train.loop import build_update_spec
 from opdkit.train.update import run_update
 

@@ -1,4 +1,4 @@
-"""Tests for opdkit.eval.benchmarks: loaders, registry, data-dir resolution, error messages."""
+"""Tests for opdkit.runtime.problems / benchmarks: loaders, registry, data-dir resolution, error messages."""
 
 from __future__ import annotations
 
@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from opdkit.eval import benchmarks
-from opdkit.eval.benchmarks import (
-    BENCHMARKS,
-    DATA_DIR_ENV,
-    DataError,
-    Problem,
-    load_benchmark,
-    load_hf_problems,
-    load_jsonl_problems,
-    resolve_data_dir,
-)
+from opdkit.runtime.benchmarks import BENCHMARKS, DATA_DIR_ENV, load_benchmark, resolve_data_dir
+from opdkit.runtime.problems import DataError, Problem, load_hf_problems, load_jsonl_problems
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -166,40 +157,20 @@ def test_env_var_used_by_load_benchmark(tmp_path, monkeypatch):
         load_benchmark("aime24")
 
 
-def test_resolve_relative_to_cwd(tmp_path, monkeypatch):
-    data = tmp_path / "shared" / "data"
-    data.mkdir(parents=True)
-    repo = tmp_path / "checkout"
-    repo.mkdir()
-    monkeypatch.chdir(repo)
-    assert resolve_data_dir() == data.resolve()
-
-
-def test_resolve_relative_to_checkout(tmp_path, monkeypatch):
-    data = tmp_path / "shared" / "data"
-    data.mkdir(parents=True)
-    (tmp_path / "elsewhere" / "cwd").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "elsewhere" / "cwd")
-    monkeypatch.setattr(benchmarks, "_REPO_ROOT", tmp_path / "repo")
-    assert resolve_data_dir() == data.resolve()
-
-
-def test_missing_data_dir_error_text(tmp_path, monkeypatch):
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "a" / "b")
-    monkeypatch.setattr(benchmarks, "_REPO_ROOT", tmp_path / "nowhere" / "repo")
+def test_no_sibling_default_and_error_says_how_to_get_the_files(tmp_path, monkeypatch):
+    # a ../shared/data next to the working directory is not looked at: only the option or the env var
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(FileNotFoundError) as info:
         resolve_data_dir()
     text = str(info.value)
-    assert str((tmp_path / "a" / "shared" / "data").resolve()) in text
-    assert str((tmp_path / "nowhere" / "shared" / "data").resolve()) in text
-    assert DATA_DIR_ENV in text and "data_dir" in text
-    assert "math500.jsonl" in text
-    with pytest.raises(FileNotFoundError):
+    assert DATA_DIR_ENV in text and "--data-dir" in text
+    assert "math500.jsonl" in text and "not ship" in text
+    with pytest.raises(FileNotFoundError, match="not ship"):
         load_benchmark("math500")
-
-
-# --------------------------------------------------------------------------- names and HF
+    with pytest.raises(FileNotFoundError, match="not ship"):
+        load_benchmark("math500", data_dir=tmp_path / "cwd")  # directory exists, file missing
 
 
 def test_unknown_name_lists_valid_ones():

@@ -8,7 +8,7 @@ from opdkit.cli.main import main
 from opdkit.config import ConfigError, load_config, parse_overrides
 from opdkit.train.plan import check_world, resolve_plan
 
-PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))
+PAPER = sorted((Path(__file__).parents[1] / "src" / "opdkit" / "configs" / "paper").glob("*.yaml"))
 
 
 def test_overrides_are_typed_and_nested():

@@ -35,7 +35,7 @@ def test_collapse_is_half_the_base_mean(tmp_path):
 
 
 def test_shipped_checkpoints_exist_and_load():
-    from opdkit.models import load_model, load_tokenizer
+    from opdkit.runtime.models import load_model, load_tokenizer
 
     student, teacher = shipped_models()
     for d in (student, teacher):

@@ -1,4 +1,4 @@
-"""Diagnostics (methods.md §6, arXiv 2605.10889): direction math, exact toy, targeted rollouts, CLI end to end."""
+"""Diagnostics (docs/methods.md §6, arXiv 2605.10889): direction math, exact toy, targeted rollouts, CLI end to end."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def _digit_grader(texts, answers):
 
 @pytest.fixture(scope="module")
 def chain_models(tmp_path_factory):
-    from opdkit.models import TinyQwen3Spec, tiny_qwen3
+    from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
     from opdkit.tasks.chain import chain_tokenizer, make_benchmark, write_jsonl
 
     root = tmp_path_factory.mktemp("diag")
@@ -198,7 +198,7 @@ def chain_models(tmp_path_factory):
 
 def test_probe_one_sampler_call_per_node_and_deterministic(chain_models, monkeypatch):
     import opdkit.diagnose.nodes as N
-    from opdkit.models import load_model, load_tokenizer
+    from opdkit.runtime.models import load_model, load_tokenizer
 
     tok = load_tokenizer(chain_models / "student")
     student, teacher = load_model(chain_models / "student", device="cpu"), load_model(chain_models / "teacher",

@@ -1,4 +1,4 @@
-"""Tests for segmenters, the drift gate (methods.md §4) and the sign-consistency gate (§5.1).
+"""Tests for segmenters, the drift gate (docs/methods.md §4) and the sign-consistency gate (§5.1).
 
 References are independent float64 Python loops over rows / positions.
 """

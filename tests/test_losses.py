@@ -1,4 +1,4 @@
-"""Tests of the base losses (methods.md §2.1-2.4).
+"""Tests of the base losses (docs/methods.md §2.1-2.4).
 
 Every loss is compared against an independent float64 reference written position by position with
 plain Python loops over 0-d float64 tensors (so torch.autograd gives reference gradients too).
@@ -236,7 +236,7 @@ def test_opd_monte_carlo_gradient_is_reverse_kl_gradient():
     assert analytic_V.abs().max() > 30 * se_V.max()
     assert ((mc_V - analytic_V).abs() <= 5 * se_V).all(), (mc_V, analytic_V, se_V)
 
-    # Regression: backpropagating lp - lq directly has zero expected gradient (methods.md §2.1 bug).
+    # Regression: backpropagating lp - lq directly has zero expected gradient (docs/methods.md §2.1 bug).
     naive = (torch.log_softmax(z_V, dim=0)[y_N] - logq_V[y_N]).mean()
     (naive_V,) = torch.autograd.grad(naive, z_V)
     se_naive_V = (onehot_NV - p_V).std(dim=0) / math.sqrt(n)

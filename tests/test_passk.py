@@ -1,4 +1,4 @@
-"""Tests for unbiased pass@k (methods.md §7) against brute-force enumeration of k-subsets."""
+"""Tests for unbiased pass@k (docs/methods.md §7) against brute-force enumeration of k-subsets."""
 
 from __future__ import annotations
 

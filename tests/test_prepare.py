@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opdkit.models import TinyQwen3Spec
+from opdkit.runtime.models import TinyQwen3Spec
 from opdkit.tasks import prepare as P
 from opdkit.tasks.chain import chain_tokenizer
 

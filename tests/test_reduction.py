@@ -24,7 +24,7 @@ def _batch(B=8, T=6, seed=0):
 
 
 def _reference(loss, mask, mode, w=None, constant=None):
-    """Float64 loops, straight from methods.md §3 / §4 step 5 (g̃ = g / mean over valid tokens)."""
+    """Float64 loops, straight from docs/methods.md §3 / §4 step 5 (g̃ = g / mean over valid tokens)."""
     B, T = loss.shape
     valid = [(i, t) for i in range(B) for t in range(T) if mask[i, t] > 0]
     wt = {}

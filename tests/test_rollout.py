@@ -9,12 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from opdkit.models import TinyQwen3Spec, tiny_qwen3
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.preflight import TokenizerMismatchError, check_tokenizers, newline_token_ids
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.scoring import response_logprobs
 from opdkit.rollout.teacher import score_with_teacher
+from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
 from opdkit.tokenizer import char_tokenizer
 
 V, PAD = 32, 0

@@ -72,8 +72,8 @@ def test_alpha_schedule():
 
 
 def test_teacher_phase_keeps_only_endorsed(tiny_models):
-    from opdkit.models import load_model, load_tokenizer
     from opdkit.rollout.sampler import SamplingParams
+    from opdkit.runtime.models import load_model, load_tokenizer
 
     student, teacher, _ = tiny_models
     tok, t = load_tokenizer(teacher), load_model(teacher)

@@ -122,7 +122,7 @@ def test_benchmarks_deterministic_and_disjoint_from_training(tmp_path):
 def teacher():
     if not (ASSETS / "teacher" / "model.safetensors").exists():
         pytest.fail(f"shipped teacher checkpoint missing under {ASSETS}")
-    from opdkit.models import load_model, load_tokenizer
+    from opdkit.runtime.models import load_model, load_tokenizer
 
     return load_model(ASSETS / "teacher", device="cpu"), load_tokenizer(ASSETS / "teacher")
 
@@ -130,7 +130,7 @@ def teacher():
 def test_shipped_checkpoints_load_and_teacher_solves_chain8(teacher):
     import torch
 
-    from opdkit.models import load_model, load_tokenizer
+    from opdkit.runtime.models import load_model, load_tokenizer
 
     model, tok = teacher
     assert tok.get_vocab() == chain_tokenizer().get_vocab()

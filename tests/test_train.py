@@ -8,9 +8,9 @@ import torch
 
 from opdkit.cli.main import main
 from opdkit.config import load_config
-from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
+from opdkit.runtime.models import load_model, load_tokenizer
 from opdkit.train.loop import TrainingDiverged, build_update_spec, train
 from opdkit.train.telemetry import read_metrics
 from opdkit.train.update import run_update

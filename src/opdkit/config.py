@@ -1,7 +1,8 @@
 """Typed configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
 
 Every field carries a help text (``opdkit train --help`` prints them all). Loading checks types and
-values and says which field is wrong and what would be valid. Counts name their unit.
+values and says which field is wrong and what would be valid. Counts name their unit. ``§n`` in a help
+text is a section of ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,17 @@ from typing import Any
 
 import yaml
 
+from opdkit.gates.registry import SEGMENTERS
+from opdkit.losses.reduction import REDUCTION_MODES
+from opdkit.losses.registry import BASE_LOSSES
+from opdkit.runtime.graders import REWARD_CHOICES
+from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
+from opdkit.runtime.prompts import CHAT_TEMPLATE_CHOICES, QWEN_MATH_TEMPLATE, chat_setting
+from opdkit.runtime.settings import ConfigError, F
+from opdkit.runtime.settings import field_help as _field_help
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def F(default: Any = dataclasses.MISSING, help: str = "", **kw):  # noqa: A002
-    """A dataclass field with a help text (mutable defaults via ``default_factory``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-QWEN_MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+__all__ = ["QWEN_MATH_TEMPLATE", "Config", "ConfigError", "F", "field_help", "load_config", "phase_steps",
+           "save_config", "to_dict", "validate"]
 
 
 @dataclass
@@ -52,14 +51,16 @@ class DataConfig:
     train_file: str = F("", "training prompts: a JSON Lines file (required per row: problem, answer; "
                             "optional: id, default <stem>-<line>), or a registered "
                             "name (dapo17k, math500, ...) resolved in data_dir")
-    data_dir: str = F("", "directory of registered data files (default: $OPDKIT_DATA_DIR or ../shared/data)")
+    data_dir: str = F("", "directory of the math data files (dapo17k, math500, ...); default: $OPDKIT_DATA_DIR")
     hf_dataset: str = F("", "Hugging Face dataset name instead of train_file (needs `datasets`)")
     hf_split: str = F("train", "split of hf_dataset")
     problem_field: str = F("problem", "field holding the problem text")
     answer_field: str = F("answer", "field holding the reference answer")
     prompt_template: str = F(QWEN_MATH_TEMPLATE, "prompt text; {problem} is replaced by the problem "
                                                      "(other braces are literal)")
-    chat_template: bool = F(True, "wrap the prompt in the tokenizer's chat template when it has one")
+    chat_template: str | bool = F("on", "wrap the prompt in the tokenizer's chat template when it has one: on, off, "
+                                       "auto (off for the miniature's chain problems, else on); true / false "
+                                       "read as on / off")
     max_prompt_tokens: int = F(1024, "prompts longer than this many tokens are dropped (and counted)")
     shuffle: bool = F(True, "shuffle prompts each epoch (seeded)")
 
@@ -166,18 +167,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Valid names: from the registries where there is one (a new loss or gate needs no edit here).
 CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "rollout.reward": ("math", "chain", "none"),
-    "loss.name": ("opd", "lsm", "fkl", "rkl", "jsd"),
-    "loss.reduction": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"),
+    "model.dtype": DTYPE_CHOICES,
+    "model.teacher_dtype": DTYPE_CHOICES,
+    "data.chat_template": CHAT_TEMPLATE_CHOICES,
+    "rollout.reward": REWARD_CHOICES,
+    "loss.name": tuple(BASE_LOSSES),
+    "loss.reduction": REDUCTION_MODES,
     "loss.advantage": ("plain", "sign_gated"),
-    "gate.name": ("none", "token", "block", "newline", "sequence"),
+    "gate.name": tuple(SEGMENTERS),
     "gate.normalize": ("batch", "sequence"),
     "sg.baseline": ("group_mean", "none"),
     "optim.schedule": ("constant", "linear", "cosine"),
-    "train.device": ("auto", "cpu", "cuda"),
+    "train.device": DEVICE_CHOICES,
 }
 POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "loss.topk", "gate.block_size", "gate.newline_fallback",
@@ -198,6 +201,8 @@ def _get(cfg: Config, dotted: str):
 
 def validate(cfg: Config, *, need_models: bool = True) -> Config:
     """Check every value; raise :class:`ConfigError` naming the field and what would be valid."""
+    if isinstance(cfg.data.chat_template, bool):
+        cfg.data.chat_template = chat_setting(cfg.data.chat_template)
     for key, options in CHOICES.items():
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key} = {_get(cfg, key)!r} is not valid; choose one of {', '.join(options)}")
@@ -313,14 +318,34 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
+#: Configs shipped inside the package (``paper/opd.yaml``, ...): ``--config paper/opd`` finds them anywhere.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, e.g. ``paper/opd``."""
+    return sorted(str(p.relative_to(SHIPPED_CONFIGS).with_suffix("")) for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: the path itself when it exists, else a shipped config by name (``paper/opd`` or
+    ``paper/opd.yaml``, also ``configs/paper/opd.yaml`` as the README writes it)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = str(path).removeprefix("configs/").removesuffix(".yaml")
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {str(p)!r} not found; shipped configs: {', '.join(shipped_configs())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 need_models: bool = True) -> Config:
     """Defaults <- YAML file <- overrides, then :func:`validate`."""
     cfg = Config()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
+        p = resolve_config_path(path)
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
@@ -340,12 +365,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def field_help(cfg_cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, help) for every field, for ``--help``."""
-    rows = []
-    inst = cfg_cls()
-    for f in dataclasses.fields(inst):
-        v = getattr(inst, f.name)
-        if dataclasses.is_dataclass(v):
-            rows += field_help(type(v), prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, repr(v), f.metadata.get("help", "")))
-    return rows
+    return _field_help(cfg_cls, prefix)

@@ -1,6 +1,6 @@
-"""Training prompts: load problems, format and tokenize prompts, iterate epochs with a resumable cursor.
+"""Training prompts: load problems, tokenize prompts, iterate epochs with a resumable cursor.
 
-Prompt formatting is shared by training and evaluation (``opdkit eval`` uses the same template).
+Prompt formatting is :func:`opdkit.runtime.prompts.format_prompt`, the same as ``opdkit eval`` uses.
 """
 
 from __future__ import annotations
@@ -9,27 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opdkit.eval.benchmarks import Problem, load_benchmark, load_hf_problems, load_jsonl_problems
-
-
-def format_prompt(tokenizer, problem: str, *, template: str = "{problem}", chat_template: bool = True) -> list[int]:
-    """Token ids of the prompt: ``template`` with ``{problem}`` replaced (other braces are literal), inside
-    the chat template if the tokenizer has one and ``chat_template`` is on (generation prompt appended)."""
-    if "{problem}" not in template:
-        raise ValueError(f"prompt template {template!r} must contain {{problem}}")
-    text = template.replace("{problem}", problem)
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                            add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+from opdkit.runtime.benchmarks import is_chain, load_benchmark
+from opdkit.runtime.problems import Problem, load_hf_problems, load_jsonl_problems
+from opdkit.runtime.prompts import PromptSettings, chat_setting, format_prompt
 
 
 def load_problems(train_file: str = "", *, data_dir: str = "", hf_dataset: str = "", hf_split: str = "train",
                   problem_field: str = "problem", answer_field: str = "answer") -> list[Problem]:
-    """Problems from a JSON Lines path, a registered name (``dapo17k``, ``math500``, ...) or a HF dataset."""
+    """Problems from a JSON Lines path, a name (``dapo17k``, ``math500``, ``chain12``, ...; see
+    :func:`opdkit.runtime.benchmarks.load_benchmark`) or a HF dataset."""
     if hf_dataset:
         return load_hf_problems(hf_dataset, split=hf_split, problem_field=problem_field,
                                 answer_field=answer_field)
@@ -56,8 +44,11 @@ class PromptSource:
     _order: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
-    def build(cls, problems: list[Problem], tokenizer, *, template: str, chat_template: bool,
+    def build(cls, problems: list[Problem], tokenizer, *, template: str, chat_template: str | bool,
               max_prompt_tokens: int, seed: int = 0, shuffle: bool = True) -> PromptSource:
+        """Tokenize every problem (``chat_template``: on / off / auto, see :mod:`opdkit.runtime.prompts`)."""
+        template, chat_template = PromptSettings(template, chat_setting(chat_template)).resolve(
+            chain=is_chain(problems))
         ids, answers, idx, dropped = [], [], [], 0
         for i, p in enumerate(problems):
             toks = format_prompt(tokenizer, p.problem, template=template, chat_template=chat_template)

@@ -1,142 +1,16 @@
-"""Model and tokenizer loading, and tiny random Qwen3 models for tests and the CPU miniature.
+"""Compatibility location: the model helpers live in :mod:`opdkit.runtime.models`."""
 
-Loading is safe by default: weights through safetensors (``use_safetensors=True``), and
-``trust_remote_code`` off unless the caller turns it on.
-"""
-
-from __future__ import annotations
-
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'bf16' / 'bfloat16' / 'fp32' / ... -> torch dtype; raises listing the valid names."""
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}") from None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class TinyQwen3Spec:
-    """Shape of a small random Qwen3 decoder (counts name their unit)."""
-
-    vocab_size: int
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 128
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-
-
-def tiny_qwen3(spec: TinyQwen3Spec, *, seed: int = 0, pad_token_id: int | None = None,
-               bos_token_id: int | None = None, eos_token_id: int | None = None):
-    """A randomly initialised ``Qwen3ForCausalLM`` with the given shape (float32, eval mode)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings, pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(cfg)
-    return model.eval()
-
-
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def check_model_source(value: str, field: str) -> str | None:
-    """Why ``value`` cannot be loaded (one line naming ``field`` and the fix), or None when it can.
-
-    Checked before any model loads (``--dry-run`` too): an existing path must be a readable directory with
-    a ``config.json``; anything else must be a hub id that is in the local Hugging Face cache, or one
-    that may be downloaded (not with ``HF_HUB_OFFLINE=1``)."""
-    p = Path(value).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            return f"{field} = {value!r} is a file; give the directory save_pretrained wrote"
-        if not os.access(p, os.R_OK | os.X_OK):
-            return f"{field} = {value!r} is not readable (permissions); fix them or copy the model"
-        if not (p / "config.json").is_file():
-            return f"{field} = {value!r} has no config.json: not a save_pretrained directory"
-        return None
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
-    if looks_local or not _HUB_ID_RE.match(value):
-        return f"{field} = {value!r}: no such directory; give a save_pretrained directory or a hub id"
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(value, "config.json")
-    if isinstance(cached, str):
-        return None
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return (f"{field} = {value!r}: no such directory, and this hub id is not in the local cache while "
-                f"HF_HUB_OFFLINE is set; download it first (`hf download {value}`) or give a local path")
-    return None
-
-
-def require_model_sources(fields: list[tuple[str, str]], error=ValueError) -> None:
-    """Raise ``error`` with :func:`check_model_source`'s line for the first unloadable ``(field, value)``."""
-    for name, value in fields:
-        if value and (why := check_model_source(value, name)):
-            raise error(why)
-
-
-def _first_line(e: Exception) -> str:
-    """The first line of an exception's message (transformers' OSErrors run to several lines)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def load_model(path_or_id: str | Path, *, dtype: str | torch.dtype = "float32",
-               device: str | torch.device | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
-    """Load a causal LM with ``from_pretrained`` from a local path or hub id (safetensors only)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"could not load a causal LM from {str(path_or_id)!r} ({_first_line(e)}); give a directory written by "
-            "save_pretrained (with model.safetensors) or a hub id that is in the local cache") from e
-    return model.to(device or default_device())
-
-
-def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False):
-    """Load a tokenizer with ``AutoTokenizer.from_pretrained``; sets pad = eos when pad is missing."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load a tokenizer from {str(path_or_id)!r} ({_first_line(e)}); give a "
-                                "save_pretrained directory with the tokenizer files or a cached hub id") from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+from opdkit.runtime.models import (  # noqa: F401
+    DTYPE_CHOICES,
+    TinyQwen3Spec,
+    auto_dtype,
+    check_model_source,
+    default_device,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    require_model_sources,
+    resolve_device,
+    resolve_dtype,
+    tiny_qwen3,
+)

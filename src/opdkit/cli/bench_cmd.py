@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def _models(args, device):
-    from opdkit.models import TinyQwen3Spec, load_model, tiny_qwen3
+    from opdkit.runtime.models import TinyQwen3Spec, load_model, tiny_qwen3
 
     if args.student and args.teacher:
         return (load_model(args.student, dtype=args.dtype, device=device),
@@ -43,7 +43,7 @@ def _models(args, device):
                                  head_dim=64, intermediate_size=768), seed=args.seed)
     t = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
                                  head_dim=64, intermediate_size=1536), seed=args.seed + 1)
-    from opdkit.models import resolve_dtype
+    from opdkit.runtime.models import resolve_dtype
 
     return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(args.dtype))
 

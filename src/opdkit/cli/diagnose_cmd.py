@@ -1,6 +1,6 @@
 """``opdkit diagnose --student S --teacher T[,T2 ...] --data FILE_OR_BENCH --n-rollouts N``.
 
-Gradient-alignment diagnostics (methods.md §6; arXiv 2605.10889): targeted rollouts give the ideal
+Gradient-alignment diagnostics (docs/methods.md §6; arXiv 2605.10889): targeted rollouts give the ideal
 per-token gradient ``g*``; each method's logit direction is compared with it by cosine, split by
 correct / incorrect rollouts, per question and per teacher. Defaults diagnose the shipped CPU miniature.
 """
@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
                                                           "default; small models run best single-threaded)")
     p.add_argument("--workers", type=int, default=2, help="processes probing rollouts in parallel, one thread each "
                                                           "(results do not depend on it; 1 = in this process)")
-    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="diagnose_out", help="output directory")
@@ -73,20 +73,20 @@ def settings_from_args(args):
     from opdkit.diagnose.nodes import ProbeParams
     from opdkit.diagnose.runner import DiagnoseSettings
     from opdkit.gates.registry import SegmentParams
+    from opdkit.runtime.prompts import PromptSettings
 
     chain = all(d.strip().startswith("chain") for d in args.data.split(","))
     max_new = args.max_new_tokens or (256 if chain else 1024)
-    for name, v, lo in (("--n-rollouts", args.n_rollouts, 1), ("--m", args.m, 1), ("--k", args.k, 1),
-                        ("--lsm-k", args.lsm_k, 1), ("--samples-per-question", args.samples_per_question, 1),
-                        ("--max-nodes", args.max_nodes, 1), ("--budget-tokens", args.budget_tokens, 1)):
+    for name, v, lo in (("--m", args.m, 1), ("--k", args.k, 1), ("--max-nodes", args.max_nodes, 1),
+                        ("--budget-tokens", args.budget_tokens, 1)):
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
     run_dir = args.run or (str(Path(args.metrics).parent) if args.metrics else "")
     newline = ()
     if args.gate == "newline":
         from opdkit.diagnose.runner import resolve_model_path
-        from opdkit.models import load_tokenizer
         from opdkit.rollout.preflight import newline_token_ids
+        from opdkit.runtime.models import load_tokenizer
 
         newline = tuple(newline_token_ids(load_tokenizer(resolve_model_path(args.student, "student"))))
     gate = GateSpec(args.gate, args.gate_tau, SegmentParams(block_size=args.gate_block_size,
@@ -99,11 +99,11 @@ def settings_from_args(args):
         student=args.student, teachers=[t.strip() for t in args.teacher.split(",") if t.strip()], data=args.data,
         n_rollouts=args.n_rollouts, samples_per_question=args.samples_per_question, offset=args.offset,
         grader=args.grader, probe=probe, lsm_k=args.lsm_k, jsd_betas=betas, seed=args.seed, out=args.out,
-        template=args.template, chat_template=args.chat_template, data_dir=args.data_dir, device=args.device,
+        prompt=PromptSettings(args.template, args.chat_template), data_dir=args.data_dir, device=args.device,
         dtype=args.dtype, run_dir=run_dir, gate_model=args.gate_model, gate=gate,
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress, workers=args.workers,
         command=("opdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-                 if sys.argv[1:2] == ["diagnose"] else ""))
+                 if sys.argv[1:2] == ["diagnose"] else "")).validate()
 
 
 def run(args) -> int:

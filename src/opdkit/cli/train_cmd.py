@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 def _check_models(cfg) -> list[str]:
     """Refuse a missing or unreadable model path before anything loads; notes for hub ids to download."""
     from opdkit.config import ConfigError
-    from opdkit.models import require_model_sources
+    from opdkit.runtime.models import require_model_sources
 
     fields = [("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher),
               ("model.tokenizer", cfg.model.tokenizer)]

@@ -1,4 +1,4 @@
-"""The CPU miniature benchmark: variants and presets (a faithful miniature of methods.md §4).
+"""The CPU miniature benchmark: variants and presets (a faithful miniature of docs/methods.md §4).
 
 Every variant trains the same shipped student with the same budget; only the loss / gate / advantage
 differ. Block and newline sizes are scaled to the miniature: a solution line is 10 tokens and a k = 12

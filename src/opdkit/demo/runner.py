@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from opdkit.demo.presets import VARIANTS, Preset
+from opdkit.eval.runs import seed_group_key
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "miniature"
 
@@ -155,7 +156,7 @@ def collapse_summary(runs: dict[str, Path], metric: str = "pass@8") -> dict:
     for key, run in runs.items():
         if key in ("base", "teacher"):
             continue
-        name = key.rsplit("-seed", 1)[0]
+        name = seed_group_key(key)[0]
         v = out["variants"].setdefault(name, {"runs": 0, "collapsed": 0, "means": []})
         m = mean_of(run)
         v["runs"] += 1

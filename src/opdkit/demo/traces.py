@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opdkit.tasks.chain import BENCHMARK_KS, make_benchmark, trace_errors
+from opdkit.eval.runs import read_metrics, seed_group_key
+from opdkit.runtime.benchmarks import load_benchmark
+from opdkit.tasks.chain import BENCHMARK_KS, trace_errors
 
 
 def _problems(names) -> dict[str, str]:
     out = {}
     for name in names:
         if name in BENCHMARK_KS:
-            out.update({r["id"]: r["problem"] for r in make_benchmark(BENCHMARK_KS[name], name=name)})
+            out.update({p.id: p.problem for p in load_benchmark(name)})
     return out
 
 
@@ -54,7 +56,7 @@ def traces_table(runs: dict[str, Path], labels: dict[str, str]) -> tuple[str, di
                if (run / "eval" / "samples.jsonl").is_file()}
     groups: dict[str, list[dict]] = {}
     for key, s in per_run.items():
-        groups.setdefault(key.rsplit("-seed", 1)[0], []).append(s)
+        groups.setdefault(seed_group_key(key)[0], []).append(s)
     rows = {g: {f: sum(s[f] for s in ss) / len(ss) for f in ss[0]} | {"runs": len(ss)} for g, ss in groups.items()}
     lines = ["| run | runs | stopped early | k steps | ran past k | correct leading steps | correct answers |",
              "|:--|--:|--:|--:|--:|--:|--:|"]
@@ -70,8 +72,7 @@ TRAINING_FIELDS = ("sampled_rkl", "drift_abs_mean", "gate_min", "solve_rate", "s
 def training_summary(metrics_path: str | Path, window: int = 5) -> dict:
     """First / last ``window`` rollout steps' means of the step metrics in :data:`TRAINING_FIELDS`, and the
     peak of the mean |drift| with its rollout step, from one run's ``metrics.jsonl``."""
-    steps = [r for line in Path(metrics_path).read_text().splitlines() if line.strip()
-             for r in [json.loads(line)] if r.get("kind") == "step"]
+    steps = [r for r in read_metrics(metrics_path) if r.get("kind") == "step"]
     out: dict = {"steps": len(steps)}
     if not steps:
         return out
@@ -101,8 +102,8 @@ def training_table(runs: dict[str, Path], labels: dict[str, str], window: int = 
     for k, s in stats.items():
         if not s["steps"]:
             continue
-        name, _, seed = k.rpartition("-seed")
-        label = f"{labels.get(name, name)}-seed{seed}" if name else labels.get(k, k)
+        name, seed = seed_group_key(k)
+        label = f"{labels.get(name, name)}-seed{seed}" if seed is not None else labels.get(k, k)
         pk = s["drift_peak"]
         lines.append(f"| {label} | {fa(s, 'sampled_rkl')} | {fa(s, 'drift_abs_mean', fmt='.4f')} | "
                      f"{fa(s, 'gate_min', fmt='.2f')} | {fa(s, 'solve_rate', 100, '.1f')} | "

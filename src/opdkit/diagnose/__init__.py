@@ -1,4 +1,4 @@
-"""Diagnostics (methods.md §6; arXiv 2605.10889): ideal per-token gradients from targeted rollouts and the
+"""Diagnostics (docs/methods.md §6; arXiv 2605.10889): ideal per-token gradients from targeted rollouts and the
 alignment of each distillation method's logit direction with them (``opdkit diagnose``)."""
 
 from opdkit.diagnose.directions import (

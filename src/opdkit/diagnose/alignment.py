@@ -1,4 +1,4 @@
-"""Node records: ``g*``, every method's direction, and their alignment at a probed node (methods.md §6).
+"""Node records: ``g*``, every method's direction, and their alignment at a probed node (docs/methods.md §6).
 
 Orchestration between :mod:`opdkit.diagnose.nodes` (what was measured) and the pure math of
 :mod:`opdkit.diagnose.directions`: for one :class:`~opdkit.diagnose.nodes.NodeProbe` and one teacher it

@@ -1,4 +1,4 @@
-"""Ideal per-token gradient and method logit-ascent directions on a candidate set (methods.md §6).
+"""Ideal per-token gradient and method logit-ascent directions on a candidate set (docs/methods.md §6).
 
 Paper: "Unmasking On-Policy Distillation", arXiv 2605.10889. Everything here is pure math on small
 vectors over the candidate set ``C`` of one node ``u`` (a prefix of a student rollout); it imports

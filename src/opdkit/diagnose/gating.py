@@ -1,4 +1,4 @@
-"""Drift-gate weights on a diagnosed rollout (methods.md §4 applied to §6's view; arXiv 2606.24084).
+"""Drift-gate weights on a diagnosed rollout (docs/methods.md §4 applied to §6's view; arXiv 2606.24084).
 
 The diagnosed student is the behaviour policy ``π_old`` (its log-probs are recorded when the rollout is
 sampled). A second student ``π_θ`` (a training run's ``final/`` weights, or any checkpoint given with
@@ -33,7 +33,7 @@ class GateSpec:
 def gate_spec_from_run(run_dir: str | Path, tokenizer, *, fallback: GateSpec) -> GateSpec:
     """The gate settings of a training run (``RUN_DIR/config.yaml``); ``fallback`` when it used none."""
     from opdkit.config import load_config
-    from opdkit.rollout.preflight import newline_token_ids
+    from opdkit.runtime.gate import segment_params
 
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
@@ -43,10 +43,7 @@ def gate_spec_from_run(run_dir: str | Path, tokenizer, *, fallback: GateSpec) ->
     if g.name == "none":
         return GateSpec(fallback.name, fallback.tau, fallback.params,
                         f"{cfg_path} (run used no gate; showing {fallback.name})")
-    nl = tuple(newline_token_ids(tokenizer)) if g.name == "newline" else ()
-    return GateSpec(g.name, g.tau, SegmentParams(block_size=g.block_size, newline_token_ids=nl,
-                                                 newline_min_len=g.newline_min_len, newline_max_len=g.newline_max_len,
-                                                 newline_fallback=g.newline_fallback), str(cfg_path))
+    return GateSpec(g.name, g.tau, segment_params(g, tokenizer), str(cfg_path))
 
 
 def run_gate_model(run_dir: str | Path) -> Path | None:

@@ -1,6 +1,6 @@
 """Targeted rollouts: success probability per candidate token at chosen nodes of a student rollout.
 
-methods.md §6 (arXiv 2605.10889; the algorithm is **ours**). For one student rollout ``y`` of prompt
+docs/methods.md §6 (arXiv 2605.10889; the algorithm is **ours**). For one student rollout ``y`` of prompt
 ``x`` and the nodes ``u_t = (x, y_<t)`` at exponentially spaced positions (:func:`node_positions`):
 
 1. student logits at every node (one forward over prompt + response), and each teacher's;

@@ -46,28 +46,16 @@ class ProbeContext:
     models: dict = field(default_factory=dict)  # loaded in this process: student, teachers, tok, grade
 
 
-def grade_fn(grader: str | Callable) -> Callable[[list[str], list[str]], list[float]]:
-    """``fn(texts, answers) -> rewards`` from a grader name or a function returning verdicts / floats."""
-    if isinstance(grader, str):
-        from opdkit.eval.runner import get_grader
-
-        grader = get_grader(grader)
-
-    def grade(texts, answers):
-        return [float(getattr(v, "reward", v)) for v in grader(texts, answers)]
-
-    return grade
-
-
 def _load(ctx: ProbeContext) -> dict:
-    from opdkit.models import load_model, load_tokenizer
+    from opdkit.runtime.graders import as_reward_fn
+    from opdkit.runtime.models import load_frozen, load_tokenizer
 
     if not ctx.models:
         remote_code = ctx.load.get("trust_remote_code", False)
-        ctx.models = {"student": load_model(ctx.student_path, **ctx.load).eval(),
-                      "teachers": {n: load_model(p, **ctx.load).eval() for n, p in ctx.teacher_paths.items()},
+        ctx.models = {"student": load_frozen(ctx.student_path, **ctx.load),
+                      "teachers": {n: load_frozen(p, **ctx.load) for n, p in ctx.teacher_paths.items()},
                       "tok": load_tokenizer(ctx.student_path, trust_remote_code=remote_code),
-                      "grade": grade_fn(ctx.grader)}
+                      "grade": as_reward_fn(ctx.grader)}
     return ctx.models
 
 

@@ -1,4 +1,4 @@
-"""Aggregates, Markdown report, histogram / depth plots and the colourized token page (methods.md §6).
+"""Aggregates, Markdown report, histogram / depth plots and the colourized token page (docs/methods.md §6).
 
 Input: ``summary`` (settings, counts, timings) and the rollout records of
 :func:`opdkit.diagnose.runner.diagnose` (or ``rollouts.jsonl`` read back). Spread: node cosines of one
@@ -120,7 +120,7 @@ def _table(agg_t: dict, methods: list[str], key: str, unit: str) -> list[str]:
 
 def markdown(summary: dict, agg: dict) -> str:
     s, methods = summary, summary["methods"]
-    L = ["# opdkit diagnose: gradient alignment with the ideal per-token gradient (methods.md §6)", ""]
+    L = ["# opdkit diagnose: gradient alignment with the ideal per-token gradient (docs/methods.md §6)", ""]
     if s.get("command"):
         L += ["```", s["command"], "```", ""]
     L += [f"- rollouts: {s['rollouts']} ({s['correct']} correct, {s['rollouts'] - s['correct']} incorrect); "

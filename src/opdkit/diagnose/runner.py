@@ -1,7 +1,7 @@
 """``opdkit diagnose`` end to end: sample student rollouts, probe their nodes, score, write the report.
 
-methods.md §6 (arXiv 2605.10889). Outputs in ``out``: ``nodes.jsonl`` (one line per node and teacher),
-``rollouts.jsonl`` (one line per rollout: tokens, reward, per-method means, gate weights),
+``docs/methods.md`` §6 (arXiv 2605.10889). Outputs in ``out``: ``nodes.jsonl`` (one line per node and
+teacher), ``rollouts.jsonl`` (one line per rollout: tokens, reward, per-method means, gate weights),
 ``aggregates.json``, ``summary.json``, ``report.md``, ``alignment_hist.png``, ``alignment_depth.png``
 and ``rollouts.html`` (see :mod:`opdkit.diagnose.report`).
 """
@@ -21,39 +21,59 @@ from opdkit.diagnose.alignment import node_record
 from opdkit.diagnose.directions import concat_cosine, method_names
 from opdkit.diagnose.gating import GateSpec, gate_spec_from_run, rollout_gates, run_gate_model
 from opdkit.diagnose.nodes import ProbeParams
-from opdkit.diagnose.parallel import ProbeContext, ProbeJob, grade_fn, probe_stream
+from opdkit.diagnose.parallel import ProbeContext, ProbeJob, probe_stream
+from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.runtime.benchmarks import is_chain, load_problem_sets
+from opdkit.runtime.graders import GRADERS, as_reward_fn, resolve_grader
+from opdkit.runtime.models import DTYPE_CHOICES, eos_token_ids, load_frozen, load_tokenizer, resolve_device
+from opdkit.runtime.prompts import PromptSettings, format_prompt
+from opdkit.runtime.settings import ConfigError, F, check_choice, check_device
 
 MINIATURE = Path(__file__).resolve().parent.parent / "assets" / "miniature"
 
 
 @dataclass
 class DiagnoseSettings:
-    """Everything ``opdkit diagnose`` needs (the CLI builds it from its arguments)."""
+    """Everything ``opdkit diagnose`` needs (the CLI builds it from its arguments); :meth:`validate` names the
+    field to fix."""
 
-    student: str = "miniature"
-    teachers: list[str] = field(default_factory=lambda: ["miniature"])
-    data: str = "chain7"
-    n_rollouts: int = 64
-    samples_per_question: int = 1
-    offset: int = 0
-    grader: str | Callable = "auto"  # chain, math, auto, or fn(responses, answers) -> list[Verdict | float]
-    probe: ProbeParams = ProbeParams()
-    lsm_k: int = 3
-    jsd_betas: tuple[float, ...] = ()
-    seed: int = 0
-    out: str = "diagnose_out"
-    template: str | None = None
-    chat_template: str = "auto"
-    data_dir: str = ""
-    device: str = ""
-    dtype: str = "auto"
-    run_dir: str = ""
-    gate_model: str = ""
-    gate: GateSpec = GateSpec()
-    trust_remote_code: bool = False
-    progress: bool = True
-    workers: int = 1
-    command: str = ""
+    student: str = F("miniature", "student path / hub id, or 'miniature' (the shipped one)")
+    teachers: list[str] = F(["miniature"], "teacher paths / hub ids ('miniature': the shipped teacher)")
+    data: str = F("chain7", "comma-separated problem sets: chainK, registered names, .jsonl paths")
+    n_rollouts: int = F(64, "student rollouts to diagnose")
+    samples_per_question: int = F(1, "rollouts per question")
+    offset: int = F(0, "skip the first questions of the data")
+    grader: str | Callable = F("auto", "chain, math, auto (chain for chain problems), or fn(responses, answers) "
+                                       "-> list[Verdict | float]")
+    probe: ProbeParams = F(ProbeParams(), "node probing: candidates, completions, budget")
+    lsm_k: int = F(3, "LSM support: the teacher's top-K inside the candidates")
+    jsd_betas: tuple[float, ...] = F((), "extra generalized-JSD beta values (0.5 is built in)")
+    seed: int = F(0, "seed of the rollouts and of every node's completions")
+    out: str = F("diagnose_out", "output directory")
+    prompt: PromptSettings = F(PromptSettings(), "prompt template and chat-template setting")
+    data_dir: str = F("", "directory of the math benchmark files (default: $OPDKIT_DATA_DIR)")
+    device: str = F("auto", "auto (cuda when available), cpu, cuda")
+    dtype: str = F("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    run_dir: str = F("", "training run: drift-gate settings from its config.yaml, its final/ as current policy")
+    gate_model: str = F("", "current-policy model for the drift-gate view (overrides run_dir's final/)")
+    gate: GateSpec = F(GateSpec(), "gate shown when no run config says")
+    trust_remote_code: bool = F(False, "allow model code from the hub")
+    progress: bool = F(True, "show a progress bar")
+    workers: int = F(1, "processes probing rollouts in parallel, one thread each (results do not depend on it)")
+    command: str = F("", "the command line, recorded in summary.json")
+
+    def validate(self) -> DiagnoseSettings:
+        for name, lo in (("n_rollouts", 1), ("samples_per_question", 1), ("lsm_k", 1), ("offset", 0), ("workers", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be >= {lo}")
+        if not self.teachers:
+            raise ConfigError("teachers is empty: give at least one teacher model")
+        if not callable(self.grader):
+            check_choice("grader", self.grader, (*GRADERS, "auto"))
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        check_device("device", self.device or "auto")
+        self.prompt.validate()
+        return self
 
 
 def resolve_model_path(spec: str, role: str) -> str:
@@ -67,14 +87,6 @@ def resolve_model_path(spec: str, role: str) -> str:
     return spec
 
 
-def _eos_ids(model, tok) -> list[int]:
-    """The tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(e) if isinstance(e, list) else ({e} if isinstance(e, int) else set())
-    return sorted(ids)
-
-
 def _teacher_names(paths: list[str]) -> list[str]:
     names = []
     for p in paths:
@@ -86,117 +98,129 @@ def _teacher_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _is_chain(problems) -> bool:
-    from opdkit.tasks.chain import parse_problem
-
-    try:
-        parse_problem(problems[0].problem)
-        return True
-    except ValueError:
-        return False
-
-
 def _load_problems(s: DiagnoseSettings):
-    """Problems of ``s.data``: registered names, ``.jsonl`` paths, or ``chainK`` for any K in 1..26
-    (``make_benchmark(K)``: the miniature's benchmark stream with ``K`` steps; chain8 / 12 / 16 / 24 are
-    the registered held-out ones)."""
-    import re
-
-    from opdkit.cli.eval_cmd import load_benchmarks
-    from opdkit.eval.benchmarks import Problem
-    from opdkit.tasks.chain import BENCHMARK_KS, MAX_K, make_benchmark
-
-    probs = []
-    for name in [x.strip() for x in s.data.split(",") if x.strip()]:
-        m = re.fullmatch(r"chain(\d+)", name)
-        if m and name not in BENCHMARK_KS and 1 <= int(m.group(1)) <= MAX_K:
-            probs += [Problem(id=r["id"], problem=r["problem"], answer=r["answer"], source=r["source"], extra={})
-                      for r in make_benchmark(int(m.group(1)))]
-        else:
-            probs += [p for ps in load_benchmarks(name, s.data_dir).values() for p in ps]
+    """Problems of ``s.data`` in order (every set's, concatenated)."""
+    probs = [p for ps in load_problem_sets(s.data, s.data_dir).values() for p in ps]
     if not probs:
         raise ValueError(f"no problems in {s.data!r}")
     return probs
 
 
-def _sample(student, tok, problems, s: DiagnoseSettings, grade, template: str, chat: bool, eos, gen):
-    """The diagnosed rollouts: ``n_rollouts`` rows, ``samples_per_question`` per problem, graded."""
-    from opdkit.data import format_prompt
-    from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+@dataclass
+class _Setup:
+    """What a diagnosis runs on: models, problems, grading, prompts and the optional gate view."""
 
+    problems: list
+    grader_name: str
+    grader: str | Callable
+    grade: Callable
+    template: str
+    chat: bool
+    device: torch.device
+    load: dict
+    student_path: str
+    tok: object
+    student: object
+    teacher_paths: dict
+    teachers: dict
+    vocab: int
+    eos: list[int]
+    gate_spec: GateSpec
+    gate_model: object = None
+    gate_path: str = ""
+    names: list[str] = field(default_factory=list)
+
+
+def _setup(s: DiagnoseSettings) -> _Setup:
+    problems = _load_problems(s)
+    chain = is_chain(problems)
+    grader_name, fn = resolve_grader(s.grader, chain=chain)
+    grader = s.grader if callable(s.grader) else grader_name  # a name travels to worker processes
+    template, chat = s.prompt.resolve(chain=chain)
+    device = resolve_device(s.device)
+    load = dict(dtype=s.dtype, device=device, trust_remote_code=s.trust_remote_code)
+    student_path = resolve_model_path(s.student, "student")
+    tok = load_tokenizer(student_path, trust_remote_code=s.trust_remote_code)
+    student = load_frozen(student_path, **load)
+    names = _teacher_names(s.teachers)
+    teacher_paths = {n: resolve_model_path(p, "teacher") for n, p in zip(names, s.teachers)}
+    teachers = {n: load_frozen(p, **load) for n, p in teacher_paths.items()}
+    vocab = min([student.get_input_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]]
+                + [t.get_output_embeddings().weight.shape[0] for t in teachers.values()])
+    gate_spec, gate_path = s.gate, s.gate_model
+    if s.run_dir:
+        gate_spec = gate_spec_from_run(s.run_dir, tok, fallback=s.gate)
+        gate_path = gate_path or str(run_gate_model(s.run_dir) or "")
+        if not gate_path:
+            print(f"opdkit diagnose: {s.run_dir} has no final/ model; no drift-gate view (give --gate-model)")
+    return _Setup(problems, grader_name, grader, as_reward_fn(fn), template, chat, device, load, student_path, tok,
+                  student, teacher_paths, teachers, vocab, eos_token_ids(student, tok), gate_spec,
+                  load_frozen(gate_path, **load) if gate_path else None, gate_path, names)
+
+
+def _sample(st: _Setup, s: DiagnoseSettings, gen):
+    """The diagnosed rollouts: ``n_rollouts`` rows, ``samples_per_question`` per problem, graded."""
     S = s.samples_per_question
     nq = math.ceil(s.n_rollouts / S)
-    chosen = problems[s.offset:s.offset + nq]
+    chosen = st.problems[s.offset:s.offset + nq]
     if len(chosen) < nq:
         raise ValueError(f"--n-rollouts {s.n_rollouts} needs {nq} problems after --offset {s.offset}; "
-                         f"the data has {len(problems)}")
+                         f"the data has {len(st.problems)}")
     pr = s.probe
     sp = SamplingParams(temperature=pr.temperature, top_p=pr.top_p, max_new_tokens=pr.max_new_tokens,
                         samples_per_prompt=S)
     rows = []
     for c in range(0, nq, 8):
         chunk = chosen[c:c + 8]
-        prompts = [format_prompt(tok, p.problem, template=template, chat_template=chat) for p in chunk]
-        batch = sample_rollouts(student, prompts, sp, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
+        prompts = [format_prompt(st.tok, p.problem, template=st.template, chat_template=st.chat) for p in chunk]
+        batch = sample_rollouts(st.student, prompts, sp, eos_token_ids=st.eos, pad_token_id=st.tok.pad_token_id,
                                 generator=gen)
         for i in range(batch.size):
             rows.append((chunk[i // S], prompts[i // S], batch.select([i]).to("cpu")))
     rows = rows[:s.n_rollouts]
-    texts = [tok.decode(b.response_ids_BT[0][b.response_mask_BT[0].bool()].tolist(), skip_special_tokens=True)
-             for _, _, b in rows]
-    rewards = grade(texts, [p.answer for p, _, _ in rows])
+    texts = [b.decode(st.tok)[0] for _, _, b in rows]
+    rewards = st.grade(texts, [p.answer for p, _, _ in rows])
     return rows, texts, rewards
 
 
 def diagnose(s: DiagnoseSettings) -> dict:
     """Run the whole diagnosis (module docstring); returns ``summary.json``'s dict."""
-    from opdkit.config import QWEN_MATH_TEMPLATE
     from opdkit.diagnose.report import write_report
-    from opdkit.models import load_model, load_tokenizer
 
     t_start = time.perf_counter()
+    s.validate()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    problems = _load_problems(s)
-    chain = _is_chain(problems)
-    grader = s.grader if callable(s.grader) else (s.grader if s.grader != "auto" else ("chain" if chain else "math"))
-    grader_name = grader if isinstance(grader, str) else getattr(grader, "__name__", "custom")
-    grade = grade_fn(grader)
-    template = s.template if s.template is not None else ("{problem}\n" if chain else QWEN_MATH_TEMPLATE)
-    chat = (not chain) if s.chat_template == "auto" else s.chat_template == "on"
-    load = dict(dtype=dtype, device=device, trust_remote_code=s.trust_remote_code)
-    student_path = resolve_model_path(s.student, "student")
-    tok = load_tokenizer(student_path, trust_remote_code=s.trust_remote_code)
-    student = load_model(student_path, **load).eval()
-    names = _teacher_names(s.teachers)
-    teacher_paths = {n: resolve_model_path(p, "teacher") for n, p in zip(names, s.teachers)}
-    teachers = {n: load_model(p, **load).eval() for n, p in teacher_paths.items()}
-    vocab = min([student.get_input_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]]
-                + [t.get_output_embeddings().weight.shape[0] for t in teachers.values()])
-    eos = _eos_ids(student, tok)
-    gate_spec, gate_model, gate_path = s.gate, None, s.gate_model
-    if s.run_dir:
-        gate_spec = gate_spec_from_run(s.run_dir, tok, fallback=s.gate)
-        gate_path = gate_path or str(run_gate_model(s.run_dir) or "")
-        if not gate_path:
-            print(f"opdkit diagnose: {s.run_dir} has no final/ model; no drift-gate view (give --gate-model)")
-    if gate_path:
-        gate_model = load_model(gate_path, **load).eval()
+    st = _setup(s)
     methods = method_names(s.jsd_betas)
-
-    gen = torch.Generator(device=device).manual_seed(s.seed)
+    gen = torch.Generator(device=st.device).manual_seed(s.seed)
     t0 = time.perf_counter()
-    rows, texts, rewards = _sample(student, tok, problems, s, grade, template, chat, eos, gen)
+    rows, texts, rewards = _sample(st, s, gen)
     t_rollouts = time.perf_counter() - t0
-    ctx = ProbeContext(student_path, teacher_paths, load, grader, s.probe, eos, tok.pad_token_id, vocab, s.seed,
-                       models={"student": student, "teachers": teachers, "tok": tok, "grade": grade})
-    jobs = [ProbeJob(r, prompt_ids, b.response_ids_BT[0][b.response_mask_BT[0].bool()].tolist(), prob.answer)
+    ctx = ProbeContext(st.student_path, st.teacher_paths, st.load, st.grader, s.probe, st.eos, st.tok.pad_token_id,
+                       st.vocab, s.seed, models={"student": st.student, "teachers": st.teachers, "tok": st.tok,
+                                                 "grade": st.grade})
+    t_probe = time.perf_counter()
+    rollout_recs, stats = _probe_all(st, s, ctx, rows, texts, rewards, methods, out)
+    t_probe = time.perf_counter() - t_probe
+    with open(out / "rollouts.jsonl", "w") as f:
+        for rr in rollout_recs:
+            f.write(json.dumps(rr) + "\n")
+    summary = _summary(s, st, methods, rollout_recs, rewards, stats, t_rollouts, t_probe, t_start)
+    write_report(out, summary, rollout_recs)
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _probe_all(st: _Setup, s: DiagnoseSettings, ctx, rows, texts, rewards, methods, out: Path):
+    """Probe every rollout's nodes (in ``s.workers`` processes), write ``nodes.jsonl``; returns the per-rollout
+    records and the completion / node counts."""
+    jobs = [ProbeJob(r, prompt_ids, b.response_token_ids()[0], prob.answer)
             for r, (prob, prompt_ids, b) in enumerate(rows)]
 
     def decode_token(i):
-        return tok.decode([i], skip_special_tokens=False)
+        return st.tok.decode([i], skip_special_tokens=False)
 
     bar = None
     if s.progress:
@@ -204,11 +228,10 @@ def diagnose(s: DiagnoseSettings) -> dict:
         bar = tqdm(total=len(rows), desc="diagnose", unit="rollout", dynamic_ncols=True)
     stats = {"completions": 0, "completion_tokens": 0, "sample_seconds": 0.0, "nodes": 0, "skipped": 0}
     rollout_recs = []
-    t_probe = time.perf_counter()
     with open(out / "nodes.jsonl", "w") as f_nodes, probe_stream(ctx, jobs, s.workers) as stream:
         for job, probes, (prob, _, b), text, reward in zip(jobs, stream, rows, texts, rewards):
-            gates = (rollout_gates(gate_model, b, gate_spec)[0, :len(job.response_ids)].tolist()
-                     if gate_model is not None else None)
+            gates = (rollout_gates(st.gate_model, b, st.gate_spec)[0, :len(job.response_ids)].tolist()
+                     if st.gate_model is not None else None)
             rrec = {"rollout": job.rollout, "question": prob.id, "problem": prob.problem, "answer": prob.answer,
                     "reward": reward, "correct": bool(reward > 0), "stop": b.stop_reasons[0], "response": text,
                     "token_ids": job.response_ids, "tokens": [decode_token(i) for i in job.response_ids],
@@ -217,7 +240,7 @@ def diagnose(s: DiagnoseSettings) -> dict:
                 stats["completions"] += pb.completions
                 stats["completion_tokens"] += pb.completion_tokens
                 stats["sample_seconds"] += pb.sample_seconds
-            for name in names:
+            for name in st.names:
                 rrec["teachers"][name] = _teacher_part(probes, name, methods, rrec, s.lsm_k, decode_token, f_nodes,
                                                        stats)
             rollout_recs.append(rrec)
@@ -227,29 +250,26 @@ def diagnose(s: DiagnoseSettings) -> dict:
                 bar.set_postfix(nodes=stats["nodes"], completions_per_s=f"{cps:.0f}")
     if bar is not None:
         bar.close()
-    t_probe = time.perf_counter() - t_probe
-    with open(out / "rollouts.jsonl", "w") as f:
-        for rr in rollout_recs:
-            f.write(json.dumps(rr) + "\n")
-    summary = {
-        "command": s.command, "settings": _settings_dict(s), "grader": grader_name, "teachers": names,
+    return rollout_recs, stats
+
+
+def _summary(s, st: _Setup, methods, rollout_recs, rewards, stats, t_rollouts, t_probe, t_start) -> dict:
+    per_s = max(stats["sample_seconds"], 1e-9)
+    return {
+        "command": s.command, "settings": _settings_dict(s), "grader": st.grader_name, "teachers": st.names,
         "methods": methods, "rollouts": len(rollout_recs), "correct": sum(bool(x > 0) for x in rewards),
         "nodes": stats["nodes"], "skipped_gstar_zero": stats["skipped"], "completions": stats["completions"],
         "completion_tokens": stats["completion_tokens"], "sample_seconds": round(stats["sample_seconds"], 3),
-        "completions_per_s": round(stats["completions"] / max(stats["sample_seconds"], 1e-9), 1),
-        "completion_tokens_per_s": round(stats["completion_tokens"] / max(stats["sample_seconds"], 1e-9), 1),
+        "completions_per_s": round(stats["completions"] / per_s, 1),
+        "completion_tokens_per_s": round(stats["completion_tokens"] / per_s, 1),
         "completions_per_probe_s": round(stats["completions"] / max(t_probe, 1e-9), 1),
         "rollout_seconds": round(t_rollouts, 3), "probe_seconds": round(t_probe, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3), "workers": s.workers,
-        "gate": None if gate_model is None else {
-            "name": gate_spec.name, "tau": gate_spec.tau, "block_size": gate_spec.params.block_size,
-            "model": gate_path, "source": gate_spec.source or "command line"},
-        "run_dir": s.run_dir or None, "device": str(device), "threads": torch.get_num_threads(),
+        "gate": None if st.gate_model is None else {
+            "name": st.gate_spec.name, "tau": st.gate_spec.tau, "block_size": st.gate_spec.params.block_size,
+            "model": st.gate_path, "source": st.gate_spec.source or "command line"},
+        "run_dir": s.run_dir or None, "device": str(st.device), "threads": torch.get_num_threads(),
     }
-    write_report(out, summary, rollout_recs)
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 def _teacher_part(probes, name, methods, rrec, lsm_k, decode_token, f_nodes, stats) -> dict:

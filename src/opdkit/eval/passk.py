@@ -1,4 +1,4 @@
-"""Unbiased pass@k and avg@n (methods.md §7; Chen et al. 2021, Codex, arXiv 2107.03374).
+"""Unbiased pass@k and avg@n (docs/methods.md §7; Chen et al. 2021, Codex, arXiv 2107.03374).
 
 From ``n`` samples of a problem, ``c`` of them correct:
 

@@ -6,22 +6,12 @@ no global backend change). Each function returns the written path (None when the
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from opdkit.eval.passk import mean_pass_at_k
-from opdkit.eval.report import (
-    _PASS_RE,
-    RunRecord,
-    _counts,
-    _num,
-    all_benchmarks,
-    group_by_seed,
-    group_label,
-    mean_std,
-    run_values,
-)
+from opdkit.eval.runs import RunRecord, finite_number, group_by_seed, group_label, problem_counts, read_metrics
+from opdkit.eval.tables import PASS_RE, all_benchmarks, mean_std, run_values
 
 DPI = 120
 Series = tuple[str, str, list[RunRecord]]  # (legend label, color, member runs)
@@ -130,7 +120,7 @@ def bars_png(runs: list[RunRecord], metric: str, path: str | Path, group_seeds: 
 def passk_curve(bench: dict, ks: list[int] | None = None) -> dict[int, float]:
     """``{k: pass@k}`` of one benchmark: from per-problem counts for k = 1..min n (or the given ks ≤ n);
     without counts, the stored ``pass@K`` values."""
-    counts = _counts(bench)
+    counts = problem_counts(bench)
     if counts:
         try:
             n_min = int(min(float(n) for n in counts[0]))
@@ -140,8 +130,8 @@ def passk_curve(bench: dict, ks: list[int] | None = None) -> dict[int, float]:
             pass
     out = {}
     for key, v in bench.items():
-        m = _PASS_RE.match(key)
-        if m and _num(v) is not None and (ks is None or int(m[1]) in ks):
+        m = PASS_RE.match(key)
+        if m and finite_number(v) is not None and (ks is None or int(m[1]) in ks):
             out[int(m[1])] = float(v)
     return dict(sorted(out.items()))
 
@@ -227,37 +217,19 @@ _PANELS = [  # (key, title, y label)
 ]
 
 
-def read_metrics_tolerant(path: Path) -> list[dict]:
-    """All records of a ``metrics.jsonl``, skipping unparsable lines (a run still being written)."""
-    from opdkit.train.telemetry import read_metrics
-
-    try:
-        return read_metrics(path)
-    except json.JSONDecodeError:
-        out = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
-
-
 def training_series(path: Path) -> dict[str, tuple[list[float], list[float]]]:
     """``{key: (steps, values)}`` over rollout steps: from ``step`` records; a key found only in
     ``update`` records is averaged over the updates of each step."""
-    recs = read_metrics_tolerant(path)
-    steps = [r for r in recs if r.get("kind") == "step" and _num(r.get("step")) is not None]
-    updates = [r for r in recs if r.get("kind") == "update" and _num(r.get("step")) is not None]
+    recs = read_metrics(path)
+    steps = [r for r in recs if r.get("kind") == "step" and finite_number(r.get("step")) is not None]
+    updates = [r for r in recs if r.get("kind") == "update" and finite_number(r.get("step")) is not None]
     keys = ["loss", "sampled_rkl", "drift_abs_mean", "gate_min", "gate_max", "solve_rate", "response_len"]
     out: dict[str, tuple[list[float], list[float]]] = {}
     for key in keys:
         for source, avg in ((steps, False), (updates, True)):
             acc: dict[float, list[float]] = {}
             for r in source:
-                v = _num(r.get(key))
+                v = finite_number(r.get(key))
                 if v is not None:
                     acc.setdefault(float(r["step"]), []).append(v)
             if acc:
@@ -327,4 +299,4 @@ def training_png(runs: list[RunRecord], path: str | Path, group_seeds: bool = Fa
 
 
 __all__ = ["bars_png", "passk_png", "training_png", "passk_curve", "run_passk_curves", "training_series",
-           "read_metrics_tolerant", "make_series"]
+           "make_series"]

@@ -1,4 +1,4 @@
-"""Blockwise policy-drift gate (methods.md §4 steps 1-5; arXiv 2606.24084).
+"""Blockwise policy-drift gate (docs/methods.md §4 steps 1-5; arXiv 2606.24084).
 
     δ_t = sg(lp_t − lp_old_t)                    (step 1, drift on the sampled path)
     s_b = mean_{t∈b, m_t=1} δ_t                  (step 3, signed block mean)

@@ -1,4 +1,4 @@
-"""Registry of segmenters for drift gating (methods.md §4 step 2): name -> one signature.
+"""Registry of segmenters for drift gating (docs/methods.md §4 step 2): name -> one signature.
 
 Every entry is ``fn(response_ids_BT, mask_BT, p: SegmentParams) -> segment_ids_BT``. The gate name
 ``none`` maps to ``None`` (no gating), so a trainer looks the name up once and never branches on it.

@@ -1,4 +1,4 @@
-"""Segmenters for blockwise policy-drift gating (methods.md §4 step 2; arXiv 2606.24084).
+"""Segmenters for blockwise policy-drift gating (docs/methods.md §4 step 2; arXiv 2606.24084).
 
 Every segmenter maps a response-aligned ``[B,T]`` batch (position 0 = first response token) to
 ``segment_ids_BT`` (int64):

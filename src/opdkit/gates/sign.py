@@ -1,4 +1,4 @@
-"""SG-OPD sign-consistency gate (methods.md §5.1; arXiv 2606.09304; constants **review**, forms **ours**).
+"""SG-OPD sign-consistency gate (docs/methods.md §5.1; arXiv 2606.09304; constants **review**, forms **ours**).
 
     σ^T_t = sign(A_t)                  teacher direction per token (A = OPD advantage of §2.1)
     σ^V_i = 2 R_i − 1                  verifier direction per rollout, R_i ∈ {0, 1}

@@ -1,4 +1,4 @@
-"""Per-position divergences between student ``p`` and teacher ``q``: methods.md §2.3.
+"""Per-position divergences between student ``p`` and teacher ``q``: docs/methods.md §2.3.
 
 Forward KL ``KL(q‖p)``, reverse KL ``KL(p‖q)`` and the generalized JSD of GKD (arXiv 2306.13649),
 either on the full vocabulary (inputs: logits ``[B,T,V]``) or on a top-K support (inputs: log-probs

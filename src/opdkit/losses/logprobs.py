@@ -8,7 +8,7 @@ states and the LM head weight, ``chunk_size`` positions at a time, with a hand-w
 recomputes each chunk's logits instead of keeping them: peak extra memory is ``O(chunk_size * V)``
 instead of ``O(B * T * V)``, which is what makes V = 151,936 and T = 16k responses fit.
 
-Log-probs are at temperature ``temperature`` (1.0 for everything in methods.md §0), computed in
+Log-probs are at temperature ``temperature`` (1.0 for everything in docs/methods.md §0), computed in
 float32 whatever the model dtype.
 """
 
@@ -126,7 +126,7 @@ def fused_logprobs(hidden_BTH: torch.Tensor, weight_VH: torch.Tensor, ids_BT: to
         ids_BT: token whose log-prob is wanted at each position ``[B,T]`` (any valid id on padding).
         gather_ids_BTK: optional ids ``[B,T,K]`` at which to return the logits (with gradient).
         topk: if > 0, also return this model's top-``topk`` ids and logits (no gradient).
-        temperature: logits are divided by it (methods.md §0 uses 1.0).
+        temperature: logits are divided by it (docs/methods.md §0 uses 1.0).
         chunk_size: positions per chunk; peak extra memory is about ``2 * chunk_size * V * 4`` bytes.
 
     Returns a :class:`LogprobOutput` of float32 tensors; ``logp_BT = z_y − logsumexp(z)`` (§0).

@@ -1,4 +1,4 @@
-"""Teacher top-K local support matching (LSM): methods.md §2.2 (arXiv 2603.25562).
+"""Teacher top-K local support matching (LSM): docs/methods.md §2.2 (arXiv 2603.25562).
 
 Axis names: B sequences, T positions, K support (the teacher's top-K ids ``S_t``, gathered by the
 caller). The loss is per position ``[B,T]``, multiplied by the mask, never reduced.

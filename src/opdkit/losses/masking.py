@@ -1,4 +1,4 @@
-"""Special-token masking: methods.md §2.4 (arXiv 2603.25562).
+"""Special-token masking: docs/methods.md §2.4 (arXiv 2603.25562).
 
 Axis names: B sequences, T positions, N configured token ids.
 """

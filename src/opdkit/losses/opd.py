@@ -1,4 +1,4 @@
-"""Sampled-token on-policy distillation (OPD) loss: methods.md §2.1 (arXiv 2603.25562).
+"""Sampled-token on-policy distillation (OPD) loss: docs/methods.md §2.1 (arXiv 2603.25562).
 
 Axis names: B sequences, T positions. Every loss returns per-position values ``[B,T]`` that are
 already multiplied by ``mask_BT`` and exactly zero where the mask is zero (even if the inputs there

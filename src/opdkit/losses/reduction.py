@@ -1,4 +1,4 @@
-"""Reduction of per-position losses to a scalar (methods.md §3): the only code in opdkit that divides.
+"""Reduction of per-position losses to a scalar (docs/methods.md §3): the only code in opdkit that divides.
 
 A loss is ``numerator / denominator``. The numerator is a sum over the sequences of one micro-batch, so
 numerators of micro-batches (and processes) add up; the denominator is a function of three global

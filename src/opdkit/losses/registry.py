@@ -1,4 +1,4 @@
-"""Registry of base losses (methods.md §2): name -> function with one signature.
+"""Registry of base losses (docs/methods.md §2): name -> function with one signature.
 
 Every entry is ``fn(x: LossInputs, hp: LossHParams) -> loss_BT`` (per position, zero on masked
 positions, never reduced). A trainer looks a name up once with :func:`get_loss` and never branches on
@@ -42,7 +42,7 @@ class LossInputs:
 
 @dataclass(frozen=True)
 class LossHParams:
-    """Scalar hyper-parameters of the base losses (defaults of methods.md §2)."""
+    """Scalar hyper-parameters of the base losses (defaults of docs/methods.md §2)."""
 
     clip_eps: float = 0.2
     dual_clip: float | None = 3.0

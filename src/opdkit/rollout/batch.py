@@ -100,3 +100,12 @@ class RolloutBatch:
 
     def num_tokens(self) -> int:
         return int(self.response_mask_BT.sum().item())
+
+    def response_token_ids(self) -> list[list[int]]:
+        """Each row's response ids without padding (the EOS token included when the row stopped on it)."""
+        ids_BT, mask_BT = self.response_ids_BT.cpu(), self.response_mask_BT.cpu().bool()
+        return [r[m].tolist() for r, m in zip(ids_BT, mask_BT)]
+
+    def decode(self, tokenizer) -> list[str]:
+        """Response texts, special tokens skipped (what the verifier grades)."""
+        return tokenizer.batch_decode(self.response_token_ids(), skip_special_tokens=True)

@@ -1,6 +1,6 @@
 """Tokenizer pre-flight checks before distillation, and newline token ids for NewlineSpan blocks.
 
-OPD scores the *student's* token ids with the teacher (methods.md §0: ``lq_t = log q(y_t | c_t)``), so
+OPD scores the *student's* token ids with the teacher (docs/methods.md §0: ``lq_t = log q(y_t | c_t)``), so
 both models must give every id the same meaning. :func:`check_tokenizers` verifies that and returns the
 vocabulary size to score on. Embeddings padded beyond the tokenizer (e.g. 151,936 vs 152,064 rows)
 are fine: the rows past the tokenizer are never sampled, and scoring on the shared ids ignores them.
@@ -85,7 +85,7 @@ def check_tokenizers(student_tok, teacher_tok, *, student_vocab_size: int, teach
 
 
 def newline_token_ids(tokenizer) -> list[int]:
-    """Sorted ids whose decoded text contains ``"\\n"`` (NewlineSpan block boundaries, methods.md §4).
+    """Sorted ids whose decoded text contains ``"\\n"`` (NewlineSpan block boundaries, docs/methods.md §4).
 
     Each id is decoded on its own once (``batch_decode`` over ``[[id] for id in vocab]``, done in Rust
     by fast tokenizers: about a second for a 150k vocabulary), so byte-level tokens such as ``"Ċ"`` or

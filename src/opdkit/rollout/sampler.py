@@ -1,4 +1,4 @@
-"""Rollout sampling with the behaviour student (methods.md §1, §2.5): a hand-written batched decode loop.
+"""Rollout sampling with the behaviour student (docs/methods.md §1, §2.5): a hand-written batched decode loop.
 
 :func:`sample_rollouts` repeats each prompt ``samples_per_prompt`` times, left-pads the prompts, runs
 one prefill and one cached forward per new token, and records for each sampled token its behaviour
@@ -37,7 +37,7 @@ KV_CACHES = ("preallocated", "dynamic", "static")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How rollouts are sampled (methods.md §2.5 defaults: temperature 1.0, top-p 0.9).
+    """How rollouts are sampled (docs/methods.md §2.5 defaults: temperature 1.0, top-p 0.9).
 
     temperature: > 0; logits are divided by it before top-k / top-p (use ``top_k=1`` for greedy).
     top_p: nucleus mass in (0, 1]; 1 disables it. top_k: keep the k largest logits; 0 disables it.

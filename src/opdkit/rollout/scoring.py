@@ -1,4 +1,4 @@
-"""One forward pass over prompt + response returning the response's log-probs (methods.md §0).
+"""One forward pass over prompt + response returning the response's log-probs (docs/methods.md §0).
 
 Used for the current student (with gradient) in the trainer, for the teacher (no grad, with top-K)
 in teacher scoring, and by tests that compare against the sampler's behaviour log-probs. The LM head

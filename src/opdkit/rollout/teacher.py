@@ -1,4 +1,4 @@
-"""Teacher scoring: the teacher's log-prob and top-K at every sampled position (methods.md §0, §2.1, §2.2).
+"""Teacher scoring: the teacher's log-prob and top-K at every sampled position (docs/methods.md §0, §2.1, §2.2).
 
 :func:`score_with_teacher` runs the teacher over prompt + response in micro-batches of rows (rows of
 similar length together, so little padding is computed), with :func:`response_logprobs` applying the LM

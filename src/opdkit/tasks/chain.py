@@ -148,19 +148,25 @@ def trace_length(k: int) -> int:
     return LINE_WIDTH * k + len(ANSWER_PREFIX) + 2
 
 
+def extract_answer(response_text: str) -> str | None:
+    """The ``N`` of the last line of the response that is exactly ``answer: N`` (None when there is none)."""
+    if not isinstance(response_text, str):
+        return None
+    found = _ANSWER_RE.findall(response_text)
+    return found[-1] if found else None
+
+
 def grade_chain(response_text: str, answer: str | int) -> int:
     """1 when the last ``answer: N`` line of the response equals ``answer`` as an integer, else 0.
 
     Exact: an integer compare of the parsed digits (no eval, no mod); garbage, a missing answer line or
     an unparsable reference all grade 0.
     """
-    if not isinstance(response_text, str):
-        return 0
-    found = _ANSWER_RE.findall(response_text)
-    if not found:
+    found = extract_answer(response_text)
+    if found is None:
         return 0
     try:
-        return int(int(found[-1]) == int(str(answer).strip()))
+        return int(int(found) == int(str(answer).strip()))
     except ValueError:
         return 0
 

@@ -1,4 +1,4 @@
-"""The OPD training loop (methods.md §1-§4), top to bottom:
+"""The OPD training loop (docs/methods.md §1-§4), top to bottom:
 
 sample prompts -> rollouts (behaviour log-probs recorded) -> verifier rewards -> teacher scores ->
 ``rollout_passes`` passes over the rollout batch, each split into ``minibatches_per_pass`` optimizer
@@ -19,10 +19,10 @@ from opdkit.config import Config, phase_steps, save_config, to_dict
 from opdkit.data import PromptSource, load_problems
 from opdkit.gates.registry import SegmentParams, get_segmenter
 from opdkit.losses.registry import LossHParams, get_loss
-from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout.preflight import check_tokenizers, newline_token_ids
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
+from opdkit.runtime.models import load_model, load_tokenizer
 from opdkit.train import checkpoint as ckpt
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import check_world, format_plan, resolve_plan

@@ -1,4 +1,4 @@
-"""SG-OPD (methods.md §5, arXiv 2606.09304): the verifier as a trust signal for the teacher.
+"""SG-OPD (docs/methods.md §5, arXiv 2606.09304): the verifier as a trust signal for the teacher.
 
 - :func:`apply_sign_gate` replaces the OPD advantage of a whole rollout batch by the sign-consistency
   gated advantage (§5.1; math in :mod:`opdkit.gates.sign`). It is computed once per rollout batch,

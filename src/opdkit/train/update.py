@@ -1,4 +1,4 @@
-"""One optimizer update over a mini-batch of the rollout batch (methods.md §2-§4).
+"""One optimizer update over a mini-batch of the rollout batch (docs/methods.md §2-§4).
 
 For each micro-batch: current log-probs (chunked LM head) -> base loss from the registry -> drift gate
 from the segmenter registry -> ``loss_numerator`` backward. After the last micro-batch the reduction

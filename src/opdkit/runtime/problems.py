@@ -1,8 +1,9 @@
-"""Benchmark problem sets: JSON Lines loaders, a registry of short names, data-dir resolution.
+"""Problems: the :class:`Problem` record and its loaders (JSON Lines files, Hugging Face datasets).
 
-The benchmark files are not shipped with opdkit. The expected layout is a directory with the
-files named in :data:`BENCHMARKS` (JSON Lines, one object per line, fields ``id``, ``problem``,
-``answer``, ``source`` plus any extras). See :func:`resolve_data_dir` for where it is looked for.
+A row is one JSON object with a string problem field, an answer field (string or number) and, for files
+that have one, a unique ``id``; other fields go to :attr:`Problem.extra`. Malformed rows raise
+:class:`DataError` naming the file and line; nothing is skipped silently. Named benchmarks and the data
+directory are in :mod:`opdkit.runtime.benchmarks`.
 """
 
 from __future__ import annotations
@@ -14,32 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "BENCHMARKS",
-    "DATA_DIR_ENV",
-    "DataError",
-    "Problem",
-    "load_benchmark",
-    "load_hf_problems",
-    "load_jsonl_problems",
-    "resolve_data_dir",
-]
-
-#: Short benchmark name -> file name inside the data directory.
-BENCHMARKS: dict[str, str] = {
-    "aime24": "aime24.jsonl",
-    "aime25": "aime25.jsonl",
-    "math500": "math500.jsonl",
-    "amc23": "amc23.jsonl",
-    "dapo17k": "dapo_math_17k.jsonl",
-}
-
-#: Environment variable naming the data directory.
-DATA_DIR_ENV = "OPDKIT_DATA_DIR"
-
-# Root of a source checkout (src/opdkit/eval/benchmarks.py -> repo root). Module-level so tests
-# can point it elsewhere.
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+__all__ = ["DataError", "Problem", "load_hf_problems", "load_jsonl_problems", "problems_from_rows"]
 
 
 class DataError(ValueError):
@@ -53,6 +29,12 @@ class Problem:
     answer: str
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def problems_from_rows(rows: Iterable[Mapping]) -> list[Problem]:
+    """Problems from in-memory rows that already have ``id``, ``problem``, ``answer`` (generated tasks)."""
+    return [Problem(id=str(r["id"]), problem=r["problem"], answer=str(r["answer"]),
+                    source=str(r.get("source", "")), extra={}) for r in rows]
 
 
 # --------------------------------------------------------------------------- row conversion
@@ -205,77 +187,3 @@ def load_hf_problems(
         out.append((problem, where))
     _check_unique(out)
     return [p for p, _ in out]
-
-
-# --------------------------------------------------------------------------- data directory
-
-
-def _candidate_dirs() -> list[tuple[str, Path]]:
-    return [
-        ("../shared/data relative to the current directory", Path.cwd() / ".." / "shared" / "data"),
-        ("../shared/data relative to the opdkit checkout", _REPO_ROOT.parent / "shared" / "data"),
-    ]
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Directory holding the benchmark .jsonl files.
-
-    Order: the explicit `data_dir`; the ``OPDKIT_DATA_DIR`` environment variable;
-    ``../shared/data`` relative to the current working directory; ``../shared/data`` relative to
-    the opdkit source checkout. An explicit argument or a set environment variable that does not
-    name a directory is an error (no silent fall-through). Raises FileNotFoundError listing every
-    place searched.
-    """
-    if data_dir is not None:
-        p = Path(data_dir).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(
-                f"benchmark data directory {str(p)!r} (passed as data_dir) does not exist"
-            )
-        return p.resolve()
-    env = os.environ.get(DATA_DIR_ENV, "").strip()
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(
-                f"benchmark data directory {str(p)!r} (from ${DATA_DIR_ENV}) does not exist"
-            )
-        return p.resolve()
-    candidates = _candidate_dirs()
-    for _, p in candidates:
-        if p.is_dir():
-            return p.resolve()
-    searched = "\n".join(f"  - {p.resolve()} ({why})" for why, p in candidates)
-    raise FileNotFoundError(
-        "could not find the benchmark data directory. Searched:\n"
-        f"  - data_dir argument (not given)\n  - ${DATA_DIR_ENV} (not set)\n{searched}\n"
-        f"Put the benchmark files ({', '.join(BENCHMARKS.values())}) in one of these directories, "
-        f"set {DATA_DIR_ENV}=/path/to/data, or pass data_dir=..."
-    )
-
-
-def load_benchmark(
-    name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None
-) -> list[Problem]:
-    """Load a registered benchmark by short name (see :data:`BENCHMARKS`) or any .jsonl file by path."""
-    key = str(name_or_path)
-    if key.lower() in BENCHMARKS:
-        directory = resolve_data_dir(data_dir)
-        path = directory / BENCHMARKS[key.lower()]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"benchmark {key!r} expects the file {BENCHMARKS[key.lower()]!r} in {directory}, "
-                "but it is not there"
-            )
-        return load_jsonl_problems(path)
-    path = Path(key).expanduser()
-    if path.is_file():
-        return load_jsonl_problems(path)
-    if path.suffix == ".jsonl" or os.sep in key or (os.altsep and os.altsep in key):
-        raise FileNotFoundError(f"no such benchmark file: {key!r}")
-    from opdkit.tasks.chain import BENCHMARK_KS
-
-    raise ValueError(
-        f"unknown benchmark {key!r}; valid names: {', '.join(sorted(BENCHMARKS))}, the CPU miniature's "
-        f"chain benchmarks ({', '.join(BENCHMARK_KS)}), or a path to a .jsonl file"
-    )
