@@ -216,7 +216,7 @@ def test_dry_run_refuses_a_missing_model_path_before_loading(tiny_models, tmp_pa
 
 
 def test_data_rows_without_id_get_line_ids(tiny_models, tmp_path):
-    from opdkit.eval.benchmarks import load_jsonl_problems
+    from opdkit.runtime.problems import load_jsonl_problems
 
     path = tmp_path / "noid.jsonl"
     path.write_text('{"problem": "1+1=?", "answer": 2}\n\n{"problem": "2+2=?", "answer": "4", "id": "x"}\n')

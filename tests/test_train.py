@@ -110,16 +110,16 @@ def test_update_does_not_depend_on_microbatch_size(tiny_models, tmp_path, loss, 
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_models, tmp_path, monkeypatch):
-    import opdkit.train.loop as loop
+    import opdkit.train.step as step_mod
 
-    real = loop.score_with_teacher
+    real = step_mod.score_with_teacher
 
     def poisoned(*a, **k):
         b = real(*a, **k)
         b.teacher_logp_BT = torch.full_like(b.teacher_logp_BT, float("nan"))
         return b
 
-    monkeypatch.setattr(loop, "score_with_teacher", poisoned)
+    monkeypatch.setattr(step_mod, "score_with_teacher", poisoned)
     cfg = _cfg(tiny_models, tmp_path, "train.train_steps=3", "train.max_bad_updates=3")
     with pytest.raises(TrainingDiverged, match="3 non-finite updates in a row"):
         train(cfg, print_fn=lambda *a: None)

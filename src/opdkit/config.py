@@ -24,6 +24,7 @@ from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
 from opdkit.runtime.prompts import CHAT_TEMPLATE_CHOICES, QWEN_MATH_TEMPLATE, chat_setting
 from opdkit.runtime.settings import ConfigError, F
 from opdkit.runtime.settings import field_help as _field_help
+from opdkit.train.sg_opd import ADVANTAGES
 
 __all__ = ["QWEN_MATH_TEMPLATE", "Config", "ConfigError", "F", "field_help", "load_config", "phase_steps",
            "save_config", "to_dict", "validate"]
@@ -175,7 +176,7 @@ CHOICES = {
     "rollout.reward": REWARD_CHOICES,
     "loss.name": tuple(BASE_LOSSES),
     "loss.reduction": REDUCTION_MODES,
-    "loss.advantage": ("plain", "sign_gated"),
+    "loss.advantage": tuple(ADVANTAGES),
     "gate.name": tuple(SEGMENTERS),
     "gate.normalize": ("batch", "sequence"),
     "sg.baseline": ("group_mean", "none"),

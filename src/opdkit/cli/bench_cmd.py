@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 
 def add_parser(sub) -> None:
@@ -52,44 +51,37 @@ def run(args) -> int:
     import torch
 
     from opdkit.config import load_config
-    from opdkit.rollout.sampler import SamplingParams, sample_rollouts
-    from opdkit.rollout.teacher import score_with_teacher
-    from opdkit.train.loop import build_update_spec
-    from opdkit.train.update import run_update
+    from opdkit.train.setup import trainer_from_parts
+    from opdkit.train.step import StepPrompts, rollout_step
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     student, teacher = _models(args, device)
     V = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
-    cfg = load_config(None, [f"loss.name={args.loss}", f"gate.name={args.gate}",
+    # The trainer's own step (opdkit.train.step), on random prompts; EOS is suppressed anyway
+    # (min_new_tokens = max_new_tokens), so every response has exactly --new-tokens tokens.
+    cfg = load_config(None, [f"loss.name={args.loss}", f"gate.name={args.gate}", "rollout.reward=none",
+                             f"rollout.prompts_per_step={args.prompts_per_step}",
+                             f"rollout.samples_per_prompt={args.samples_per_prompt}",
+                             f"rollout.max_new_tokens={args.new_tokens}", f"rollout.min_new_tokens={args.new_tokens}",
+                             "train.rollout_passes=1", "train.minibatches_per_pass=1", "optim.lr=1e-6",
+                             "optim.warmup_updates=0", "optim.schedule=constant", f"train.seed={args.seed}",
                              f"train.microbatch_size={args.microbatch_size}"], need_models=False)
-    spec = build_update_spec(cfg, _NoTok(), V)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-    params = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                            samples_per_prompt=args.samples_per_prompt)
+    t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[0], pad_id=0)
     g = torch.Generator().manual_seed(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     rows = []
     for i in range(args.steps + 1):
         prompts = torch.randint(3, V, (args.prompts_per_step, args.prompt_tokens), generator=g).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        # EOS is suppressed anyway (min_new_tokens = max_new_tokens)
-        batch = sample_rollouts(student, prompts, params, eos_token_ids=[0], pad_token_id=0, generator=gen)
-        t1 = time.perf_counter()
-        batch = score_with_teacher(teacher, batch, topk=cfg.loss.topk if spec.loss.needs_support else 0,
-                                   vocab_limit=V)
-        t2 = time.perf_counter()
-        run_update(student, opt, sched, batch, spec)
+        rec = rollout_step(t, i, StepPrompts(prompts))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t3 = time.perf_counter()
+        s, te, u = rec["time/sample"], rec["time/teacher"], rec["time/update"]
         if i:  # the first step is a warm-up
-            rows.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2, batch.num_tokens()))
-        print(f"step {i}{' (warm-up)' if not i else ''}: {t3 - t0:.3f} s (sample {t1 - t0:.3f}, "
-              f"teacher {t2 - t1:.3f}, update {t3 - t2:.3f})", flush=True)
+            rows.append((s + te + u, s, te, u, rec["generated_tokens"]))
+        print(f"step {i}{' (warm-up)' if not i else ''}: {s + te + u:.3f} s (sample {s:.3f}, "
+              f"teacher {te:.3f}, update {u:.3f})", flush=True)
     med = statistics.median
     res = {"step_time_s_median": med(r[0] for r in rows), "sample_s": med(r[1] for r in rows),
            "teacher_s": med(r[2] for r in rows), "update_s": med(r[3] for r in rows),
@@ -101,6 +93,7 @@ def run(args) -> int:
 
 
 class _NoTok:
-    """Stand-in tokenizer for random-weight benchmarks (no special tokens, no newline gate)."""
+    """Stand-in tokenizer for random-weight benchmarks (no special tokens, no newline gate, no rewards)."""
 
     unk_token_id = None
+    pad_token_id = 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from opdkit.models import TinyQwen3Spec
+from opdkit.runtime.models import TinyQwen3Spec
 from opdkit.tasks.chain import (
     BENCHMARK_KS,
     BENCHMARK_ROLE,

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from opdkit.gates.sign import sign_agreement, sign_consistency_advantage
@@ -40,6 +43,22 @@ def apply_sign_gate(batch: RolloutBatch, *, lam: float, beta: float, baseline: s
         "sg_adv_agree": float((gated_BT * agree).sum()) / max(n_a, 1.0),
         "sg_adv_disagree": float((gated_BT * disagree).sum()) / max(n_d, 1.0),
     }
+
+
+# loss.advantage -> builder of the batch-level advantage transform (None: the plain OPD advantage, which
+# the loss computes itself from log q - log pi_old). The valid names of loss.advantage come from here.
+ADVANTAGES: dict[str, Callable] = {
+    "plain": lambda sg: None,
+    "sign_gated": lambda sg: partial(apply_sign_gate, lam=sg.lam, beta=sg.beta, baseline=sg.baseline),
+}
+
+
+def batch_advantage(name: str, sg) -> Callable | None:
+    """``fn(batch) -> (batch, telemetry)`` for ``loss.advantage = name`` (``sg``: the SG-OPD settings)."""
+    try:
+        return ADVANTAGES[name](sg)
+    except KeyError:
+        raise ValueError(f"unknown loss.advantage {name!r}; valid: {', '.join(ADVANTAGES)}") from None
 
 
 def alpha_at(step: int, phase_steps: int, alpha: float) -> float:
