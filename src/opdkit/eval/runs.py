@@ -140,20 +140,9 @@ def group_label(key: str, members: list[RunRecord]) -> str:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a ``metrics.jsonl``, skipping unparsable lines (a run still being written)."""
-    from opdkit.train.telemetry import read_metrics as read_strict
+    from opdkit.train.telemetry import read_metrics as read
 
-    try:
-        return read_strict(Path(path))
-    except json.JSONDecodeError:
-        out = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+    return read(Path(path), skip_bad=True)
 
 
 __all__ = ["ReportError", "RunRecord", "dedupe_labels", "finite_number", "group_by_seed", "group_label",

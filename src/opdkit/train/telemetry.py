@@ -68,13 +68,22 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
-    """Records of a ``metrics.jsonl`` (optionally only one kind: 'update' or 'step')."""
+def read_metrics(path: Path, kind: str | None = None, *, skip_bad: bool = False) -> list[dict]:
+    """Records of a ``metrics.jsonl`` (optionally only one kind: 'update' or 'step'), the one reader of it.
+
+    ``skip_bad`` skips lines that do not parse as a JSON object (a run that is still being written, or
+    was killed mid-line); without it such a line raises ``json.JSONDecodeError``."""
     out = []
     with open(path) as f:
         for line in f:
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 rec = json.loads(line)
-                if kind is None or rec.get("kind") == kind:
-                    out.append(rec)
+            except json.JSONDecodeError:
+                if skip_bad:
+                    continue
+                raise
+            if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
+                out.append(rec)
     return out
