@@ -133,6 +133,7 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             mods.add(node.module)
+            mods |= {f"{node.module}.{a.name}" for a in node.names}  # ``from pkg import module``
         elif isinstance(node, ast.Import):
             mods |= {a.name for a in node.names}
     return mods
@@ -159,3 +160,43 @@ def test_shipped_configs_load_from_the_package_by_name():
     assert load_config("configs/paper/opd_block64.yaml", need_models=False).gate.block_size == 64
     with pytest.raises(ConfigError, match="shipped configs: .*paper/opd"):
         load_config("paper/nope", need_models=False)
+
+
+MATH = ("losses", "gates")
+
+
+def test_math_packages_import_only_torch_and_each_other():
+    """Pure math (losses, gates, eval/passk.py) never sees a config, a model or the orchestration."""
+    files = [p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] in MATH] + [SRC / "eval" / "passk.py"]
+    allowed = tuple(f"opdkit.{m}" for m in MATH)
+    for path in files:
+        ours = [m for m in _imports(path) if m.startswith("opdkit")]
+        assert all(m.startswith(allowed) for m in ours), (path, ours)
+        third_party = {m.split(".")[0] for m in _imports(path)} - {"opdkit", "torch", "__future__"}
+        import sys
+
+        assert third_party <= set(sys.stdlib_module_names), (path, third_party)
+
+
+def test_no_import_cycles_between_modules():
+    """Every import, also the ones inside functions: a cycle hidden in a function is still a cycle."""
+    def name(path: Path) -> str:
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    mods = {name(p): p for p in SRC.rglob("*.py")}
+    graph = {m: {i for i in _imports(p) if i in mods and i != m and not m.startswith(i + ".")} for m, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n, stack + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
