@@ -38,7 +38,7 @@ DATA_DIR_ENV = "OPDKIT_DATA_DIR"
 #: How to obtain the benchmark files (printed whenever they cannot be found).
 GET_DATA = (
     "opdkit does not ship the math benchmark files. Put them in one directory as JSON Lines (one object "
-    "per line with 'id', 'problem', 'answer'), named " + ", ".join(BENCHMARKS.values()) + " (public "
+    "per line with 'problem' and 'answer', 'id' optional), named " + ", ".join(BENCHMARKS.values()) + " (public "
     "sources: AIME 2024 and AMC 2023 from QwenLM/Qwen2.5-Math evaluation/data, AIME 2025 from "
     "eth-sri/matharena, MATH-500 from openai/prm800k, DAPO-Math-17k from BytedTsinghua-SIA/DAPO-Math-17k), "
     f"then pass --data-dir DIR (data.data_dir=DIR for training) or set {DATA_DIR_ENV}=DIR. The CPU "
