@@ -324,8 +324,10 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def shipped_configs() -> list[str]:
-    """Names of the shipped configs, e.g. ``paper/opd``."""
-    return sorted(str(p.relative_to(SHIPPED_CONFIGS).with_suffix("")) for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+    """Names of the shipped opdkit trainer configs, e.g. ``paper/opd``. ``verl/`` holds Hydra configs for
+    verl's own trainer (README "At scale on verl"), not opdkit configs, so it is not listed."""
+    return sorted(str(p.relative_to(SHIPPED_CONFIGS).with_suffix("")) for p in SHIPPED_CONFIGS.rglob("*.yaml")
+                  if p.relative_to(SHIPPED_CONFIGS).parts[0] != "verl")
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -11,12 +11,12 @@ COMMANDS = {"train": train_cmd}
 
 
 def _optional_commands() -> None:
-    """Sub-commands whose modules exist in this version (eval, report, demo, bench, diagnose)."""
+    """Sub-commands whose modules exist in this version (eval, report, demo, bench, diagnose, verl-prepare)."""
     import importlib
 
-    for name in ("eval", "report", "demo", "bench", "diagnose"):
+    for name in ("eval", "report", "demo", "bench", "diagnose", "verl_prepare"):
         try:
-            COMMANDS[name] = importlib.import_module(f"opdkit.cli.{name}_cmd")
+            COMMANDS[name.replace("_", "-")] = importlib.import_module(f"opdkit.cli.{name}_cmd")
         except ModuleNotFoundError as e:
             if e.name != f"opdkit.cli.{name}_cmd":
                 raise

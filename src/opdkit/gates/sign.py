@@ -58,8 +58,9 @@ def verifier_advantage(reward_B: torch.Tensor, group_ids_B: torch.Tensor, *,
 
 
 def sign_consistency_advantage(advantage_BT: torch.Tensor, reward_B: torch.Tensor,
-                               group_ids_B: torch.Tensor, mask_BT: torch.Tensor, *, lam: float = 1.8,
-                               beta: float = 1.0, baseline: str = "group_mean") -> torch.Tensor:
+                               group_ids_B: torch.Tensor | None, mask_BT: torch.Tensor, *, lam: float = 1.8,
+                               beta: float = 1.0, baseline: str = "group_mean",
+                               verifier_advantage_B: torch.Tensor | None = None) -> torch.Tensor:
     """Sign-consistency gated advantage ``A'`` (§5.1, arXiv 2606.09304).
 
     Shapes: ``advantage_BT`` [B,T] (OPD advantage ``A_t = sg(lq_t − lp_old_t)``), ``reward_B`` [B]
@@ -68,11 +69,19 @@ def sign_consistency_advantage(advantage_BT: torch.Tensor, reward_B: torch.Tenso
     ``A'_t = λ·A_t`` where ``sign(A_t) = 2R_i − 1``, else ``(1−β)·A_t + β·A^V_i`` with ``A^V`` from
     :func:`verifier_advantage` (``baseline`` "group_mean" or "none"). 0 on masked positions, detached,
     dtype = promote(advantage dtype, float32). ``A_t = 0`` takes the disagree branch (module docstring).
+    ``verifier_advantage_B`` [B]: a precomputed ``A^V`` (e.g. by an engine whose micro-batches split the
+    prompt groups); then ``group_ids_B`` and ``baseline`` are not used.
     """
     _check(advantage_BT, reward_B, mask_BT)
     dtype = torch.promote_types(advantage_BT.dtype, torch.float32)
     a_BT = advantage_BT.detach().to(dtype)
-    av_B = verifier_advantage(reward_B, group_ids_B, baseline=baseline).to(dtype)
+    if verifier_advantage_B is None:
+        av_B = verifier_advantage(reward_B, group_ids_B, baseline=baseline).to(dtype)
+    else:
+        if verifier_advantage_B.shape != reward_B.shape:
+            raise ValueError(f"verifier_advantage_B {tuple(verifier_advantage_B.shape)} must match reward_B "
+                             f"{tuple(reward_B.shape)}")
+        av_B = verifier_advantage_B.detach().to(dtype)
     agree_BT = _agree_BT(a_BT, reward_B)
     out_BT = torch.where(agree_BT, lam * a_BT, (1.0 - beta) * a_BT + beta * av_B[:, None])
     return torch.where(mask_BT != 0, out_BT, torch.zeros_like(out_BT))

@@ -61,10 +61,15 @@ class PromptSettings:
         return check_template(template), (not chain if chat == "auto" else chat == "on")
 
 
+def prompt_text(problem: str, template: str = "{problem}") -> str:
+    """The user message: ``template`` with ``{problem}`` replaced (other braces are literal)."""
+    return check_template(template).replace("{problem}", problem)
+
+
 def format_prompt(tokenizer, problem: str, *, template: str = "{problem}", chat_template: bool = True) -> list[int]:
-    """Token ids of the prompt: ``template`` with ``{problem}`` replaced (other braces are literal), inside
-    the chat template if the tokenizer has one and ``chat_template`` is on (generation prompt appended)."""
-    text = check_template(template).replace("{problem}", problem)
+    """Token ids of the prompt: :func:`prompt_text`, inside the chat template if the tokenizer has one and
+    ``chat_template`` is on (generation prompt appended)."""
+    text = prompt_text(problem, template)
     if chat_template and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                             add_generation_prompt=True)
