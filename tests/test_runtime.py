@@ -200,3 +200,15 @@ def test_no_import_cycles_between_modules():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_single_token_ids_take_vocab_entries_or_one_id_texts_and_name_the_field():
+    from opdkit.runtime.models import single_token_ids
+    from opdkit.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    a, b = tok("a", add_special_tokens=False)["input_ids"][0], tok("b", add_special_tokens=False)["input_ids"][0]
+    assert single_token_ids(tok, ["a", "b"]) == [a, b]
+    assert single_token_ids(tok, [tok.eos_token]) == [tok.eos_token_id]
+    with pytest.raises(ValueError, match="my.field: 'ab' is not a single token"):
+        single_token_ids(tok, ["ab"], field="my.field")

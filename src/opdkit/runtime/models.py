@@ -65,6 +65,22 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def single_token_ids(tokenizer, tokens: list[str], *, field: str = "loss.special_tokens") -> list[int]:
+    """One id per token string: its vocabulary entry, or the one id its text encodes to. A string that is
+    neither raises ``ValueError`` naming ``field`` (the config field the strings came from)."""
+    ids = []
+    for t in tokens:
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if tid is None or tid == tokenizer.unk_token_id:
+            enc = tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise ValueError(f"{field}: {t!r} is not a single token of this tokenizer (it encodes to "
+                                 f"{len(enc)} ids); list tokens of the student's vocabulary")
+            tid = enc[0]
+        ids.append(int(tid))
+    return ids
+
+
 @dataclass(frozen=True)
 class TinyQwen3Spec:
     """Shape of a small random Qwen3 decoder (counts name their unit)."""

@@ -103,6 +103,13 @@ def _check_unique(problems: Iterable[tuple[Problem, str]]) -> None:
 # --------------------------------------------------------------------------- loaders
 
 
+def _to_problems(rows: list[tuple[Any, str, str]], **fields: Any) -> list[Problem]:
+    """Problems from ``(row, where, default_id)`` triples; ids must be unique (errors name ``where``)."""
+    out = [(_row_to_problem(row, where, default_id=default_id, **fields), where) for row, where, default_id in rows]
+    _check_unique(out)
+    return [p for p, _ in out]
+
+
 def load_jsonl_problems(
     path: str | os.PathLike,
     *,
@@ -120,7 +127,7 @@ def load_jsonl_problems(
     the file and line number; rows are never skipped silently (blank lines are allowed).
     """
     path = Path(path)
-    out: list[tuple[Problem, str]] = []
+    out: list[tuple[Any, str, str]] = []  # (row, where, default id)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -134,17 +141,8 @@ def load_jsonl_problems(
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            problem = _row_to_problem(
-                row,
-                where,
-                problem_field=problem_field,
-                answer_field=answer_field,
-                id_field=id_field,
-                default_id=f"{path.stem}-{lineno}",
-            )
-            out.append((problem, where))
-    _check_unique(out)
-    return [p for p, _ in out]
+            out.append((row, where, f"{path.stem}-{lineno}"))
+    return _to_problems(out, problem_field=problem_field, answer_field=answer_field, id_field=id_field)
 
 
 def load_hf_problems(
@@ -173,17 +171,5 @@ def load_hf_problems(
     ds = datasets.load_dataset(name, subset, split=split, **load_kwargs)
     label = f"{name}[{split}]" if subset is None else f"{name}/{subset}[{split}]"
     short = name.rstrip("/").rsplit("/", 1)[-1]
-    out: list[tuple[Problem, str]] = []
-    for idx, row in enumerate(ds):
-        where = f"{label} row {idx}"
-        problem = _row_to_problem(
-            row,
-            where,
-            problem_field=problem_field,
-            answer_field=answer_field,
-            id_field=id_field,
-            default_id=f"{short}-{idx}",
-        )
-        out.append((problem, where))
-    _check_unique(out)
-    return [p for p, _ in out]
+    rows = [(row, f"{label} row {idx}", f"{short}-{idx}") for idx, row in enumerate(ds)]
+    return _to_problems(rows, problem_field=problem_field, answer_field=answer_field, id_field=id_field)

@@ -24,7 +24,7 @@ from opdkit.rollout.preflight import check_tokenizers
 from opdkit.rollout.sampler import SamplingParams
 from opdkit.runtime.gate import segment_params
 from opdkit.runtime.graders import reward_fn as get_reward
-from opdkit.runtime.models import auto_dtype, eos_token_ids, load_model, load_tokenizer
+from opdkit.runtime.models import auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import resolve_plan
 from opdkit.train.sg_opd import batch_advantage
@@ -97,19 +97,6 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
-def _special_ids(tok, tokens: list[str]) -> tuple[int, ...]:
-    ids = []
-    for t in tokens:
-        tid = tok.convert_tokens_to_ids(t)
-        if tid is None or tid == tok.unk_token_id:
-            enc = tok(t, add_special_tokens=False)["input_ids"]
-            if len(enc) != 1:
-                raise ValueError(f"loss.special_tokens: {t!r} is not a single token of this tokenizer")
-            tid = enc[0]
-        ids.append(int(tid))
-    return tuple(ids)
-
-
 def build_update_spec(cfg: Config, tok, vocab_limit: int | None) -> UpdateSpec:
     """Resolve the loss and gate registries and their hyper-parameters once."""
     return UpdateSpec(
@@ -122,7 +109,7 @@ def build_update_spec(cfg: Config, tok, vocab_limit: int | None) -> UpdateSpec:
         segmenter=get_segmenter(cfg.gate.name),
         segment_params=segment_params(cfg.gate, tok),
         tau=cfg.gate.tau, gate_scope=cfg.gate.normalize,
-        special_token_ids=_special_ids(tok, cfg.loss.special_tokens) if cfg.loss.special_tokens else (),
+        special_token_ids=tuple(single_token_ids(tok, cfg.loss.special_tokens)) if cfg.loss.special_tokens else (),
         microbatch_size=cfg.train.microbatch_size, chunk_size=cfg.train.logprob_chunk_size,
         vocab_limit=vocab_limit, max_grad_norm=cfg.optim.max_grad_norm,
     )

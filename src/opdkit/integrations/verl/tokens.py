@@ -11,29 +11,23 @@ import functools
 
 from opdkit.integrations.verl.guards import VerlIntegrationError
 from opdkit.rollout.preflight import newline_token_ids as _newline_token_ids
+from opdkit.runtime.models import load_tokenizer as _load_tokenizer
+from opdkit.runtime.models import single_token_ids
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
-    """The tokenizer at ``path`` (local folder or hub id); trust_remote_code stays off."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    """The tokenizer at ``path`` (local folder or hub id; :func:`opdkit.runtime.models.load_tokenizer`,
+    trust_remote_code off), cached: verl builds the loss config once per worker and role."""
+    return _load_tokenizer(path)
 
 
 def token_ids(tok, tokens: list[str]) -> list[int]:
-    """One id per token string; raises if a string is not a single token of ``tok``."""
-    ids = []
-    for t in tokens:
-        tid = tok.convert_tokens_to_ids(t)
-        if tid is None or tid == tok.unk_token_id:
-            enc = tok(t, add_special_tokens=False)["input_ids"]
-            if len(enc) != 1:
-                raise VerlIntegrationError(f"distillation.distillation_loss.special_tokens: {t!r} is not a single "
-                                           "token of this tokenizer")
-            tid = enc[0]
-        ids.append(int(tid))
-    return ids
+    """One id per token string (:func:`opdkit.runtime.models.single_token_ids`), as a verl config error."""
+    try:
+        return single_token_ids(tok, tokens, field="distillation.distillation_loss.special_tokens")
+    except ValueError as e:
+        raise VerlIntegrationError(str(e)) from None
 
 
 def newline_token_ids(tok) -> list[int]:
