@@ -86,7 +86,7 @@ class OpdkitDistillationLossConfig(DistillationLossConfig):
                       "which would also rescale verl's task-reward policy loss (SG-OPD: loss_mode=opdkit_sg_opd)")
         if self.loss_max_clamp is not None or self.log_prob_min_clamp is not None:
             raise bad("set loss_max_clamp=null and log_prob_min_clamp=null: a clamp changes the loss and zeroes "
-                      "its gradient where it binds, so it would no longer be methods.md's formula")
+                      "its gradient where it binds, so it would no longer be docs/methods.md's formula")
         if not (self.clip_ratio == self.clip_ratio_low == self.clip_ratio_high):
             raise bad(f"clip_ratio_low / clip_ratio_high ({self.clip_ratio_low}, {self.clip_ratio_high}) must equal "
                       f"clip_ratio ({self.clip_ratio}): §2.1's clip is symmetric (ε)")

@@ -10,7 +10,7 @@ the tokenizer's chat template to it, as opdkit does with ``chat_template: true``
 ``reward_model`` (``{"style": "rule", "ground_truth": answer}``, graded by
 :func:`opdkit.integrations.verl.reward.compute_score`) and ``extra_info`` (``id``, ``index``, ``split``).
 A name is one of opdkit's registered data files (dapo17k, math500, aime24, aime25, amc23), resolved in
-``--data-dir`` / ``$OPDKIT_DATA_DIR`` / ``../shared/data``, or a path to any JSON Lines file with
+``--data-dir`` or ``$OPDKIT_DATA_DIR``, or a path to any JSON Lines file with
 ``problem`` / ``answer`` fields.
 """
 
