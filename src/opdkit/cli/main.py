@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import io
+import signal
 import sys
+import threading
 
 from opdkit.cli import train_cmd
 
@@ -34,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; a user-facing error is one line on stderr (the traceback only with --debug)."""
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        # `kill -USR1 <pid>` prints every thread's stack to stderr and carries on: how to see where a run waits
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr without a file descriptor
+            pass
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
