@@ -117,7 +117,8 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     ``sampled_rkl`` comes from the first update: the reverse KL of the rollouts under the policy that
     sampled them, before this batch moved it (what "the student is getting closer to the teacher"
     means). ``drift_abs_mean`` and ``gate_std`` come from the last update: by then the batch has been
-    reused the most, so that is the largest drift the gate saw. Gate min / max span all updates."""
+    reused the most, so that is the largest drift the gate saw. Gate min / max span all updates; ``gate_*``
+    are of the normalised gate that weights the loss, ``gate_raw_*`` of the raw gate (:mod:`opdkit.train.update`)."""
     device = batch.response_ids_BT.device
     tokens = float(batch.num_tokens())
     solve = None
@@ -131,7 +132,9 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     return {"step": step, "loss": sum(u["loss"] for u in upd) / len(upd),
             "sampled_rkl": upd[0]["sampled_rkl"], "drift_abs_mean": upd[-1]["drift_abs_mean"],
             "gate_min": min(u["gate_min"] for u in upd), "gate_max": max(u["gate_max"] for u in upd),
-            "gate_std": upd[-1]["gate_std"], "response_len": batch.response_lengths_B.float().mean().item(),
+            "gate_std": upd[-1]["gate_std"], "gate_raw_min": min(u["gate_raw_min"] for u in upd),
+            "gate_raw_max": max(u["gate_raw_max"] for u in upd), "gate_raw_std": upd[-1]["gate_raw_std"],
+            "response_len": batch.response_lengths_B.float().mean().item(),
             "stop_eos": batch.stop_reasons.count("eos") / max(1, batch.size),
             "stop_length": batch.stop_reasons.count("length") / max(1, batch.size),
             "solve_rate": solve, **times, "time/step": wall, "tokens_per_s": tokens / max(wall, 1e-9),
