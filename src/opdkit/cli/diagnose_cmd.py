@@ -34,7 +34,11 @@ def add_parser(sub) -> None:
     p.add_argument("--grader", default="auto", help="chain, math, or auto (chain when the data are chain problems)")
     p.add_argument("--m", type=int, default=8, help="completions per candidate (M)")
     p.add_argument("--k", type=int, default=3, help="student / teacher top-k added to the candidates")
-    p.add_argument("--lsm-k", type=int, default=3, help="LSM support: the teacher's top-K inside the candidates")
+    p.add_argument("--lsm-k", type=int, default=3,
+                   help="LSM support size: the teacher's top-K inside each node's candidate set (labelled in the "
+                        "report). Not training's loss.topk, the teacher's top-K over the full vocabulary (32 in "
+                        "the paper configs): the support cannot exceed the candidates (at most 1 + 2k), so the "
+                        "default 3 (= --k) is a small-support stand-in")
     p.add_argument("--jsd-beta", default="", help="extra generalized-JSD β values, comma-separated (0.5 is built in)")
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="response cap (0: 256 for chain data, 1024 otherwise)")

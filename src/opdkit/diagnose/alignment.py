@@ -48,7 +48,8 @@ def node_record(probe: NodeProbe, teacher: str, methods: Sequence[str], *, lsm_k
     future_C = fs[idx].to(torch.float64) if fs is not None else torch.zeros_like(p_C)
     future_norm_C = fm[idx].to(torch.float64) if fm is not None else torch.zeros_like(p_C)
     node = NodeTensors(p_C=p_C, q_C=q_C, psucc_C=psucc_C, teacher_topk_C=support_C, sampled=0,
-                       future_C=future_C, reward=float(reward), future_norm_C=future_norm_C)
+                       future_C=future_C, reward=float(reward), future_norm_C=future_norm_C,
+                       p_mass=p_mass, q_mass=q_mass)
     g_C = ideal_gradient(p_C, psucc_C)
     dirs = {m: get_method(m)(node) for m in methods}
     skipped = is_zero(g_C)

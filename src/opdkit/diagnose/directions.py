@@ -60,6 +60,8 @@ class NodeTensors:
     future_C: ``[C]`` MiniLLM expected future log-ratio ``F_j`` (zeros when not estimated).
     future_norm_C: ``[C]`` the same, length-normalized (MiniLLM's ``R^Norm``; None: ``future_C``).
     reward: verifier reward of the rollout itself (0/1; the sampled-token Dr.GRPO signal).
+    p_mass / q_mass: full-vocabulary probability of ``C`` under the student / teacher (1.0: ``C`` is the
+    whole vocabulary); ``opd_sampled`` needs them to undo the renormalization (full-vocab log-ratio).
     """
 
     p_C: torch.Tensor
@@ -70,6 +72,8 @@ class NodeTensors:
     future_C: torch.Tensor
     reward: float = 0.0
     future_norm_C: torch.Tensor | None = None
+    p_mass: float = 1.0
+    q_mass: float = 1.0
 
 
 def _log(x_C: torch.Tensor) -> torch.Tensor:
@@ -159,9 +163,18 @@ def sampled_direction(p_C: torch.Tensor, sampled: int, advantage: float) -> torc
     return d_C
 
 
-def opd_sampled_direction(p_C: torch.Tensor, q_C: torch.Tensor, sampled: int) -> torch.Tensor:
-    """Sampled-token OPD on the token the rollout drew ``[C]``: ``A = log q_y − log p_y`` (§2.1 at r = 1)."""
-    return sampled_direction(p_C, sampled, float(_log(q_C[sampled]) - _log(p_C[sampled])))
+def opd_sampled_direction(p_C: torch.Tensor, q_C: torch.Tensor, sampled: int, *, p_mass: float = 1.0,
+                          q_mass: float = 1.0) -> torch.Tensor:
+    """Sampled-token OPD on the token the rollout drew ``[C]`` (§2.1 at r = 1).
+
+    ``A = log q_y − log π_old,y`` over the full vocabulary, as the trainer computes it:
+    ``A = (log q_C[y] + log q_mass) − (log p_C[y] + log p_mass)`` with ``p_C`` / ``q_C`` renormalized
+    on ``C`` and ``p_mass`` / ``q_mass`` the full-vocabulary mass of ``C``. The renormalized ratio alone
+    is off by ``log(p_mass / q_mass)``, which can flip the sign of ``A`` (p_y = 0.3, q_y = 0.27,
+    p_mass = 0.9, q_mass = 0.5: −0.105 in the full vocabulary, +0.48 renormalized).
+    """
+    adv = float(_log(q_C[sampled]) - _log(p_C[sampled])) + math.log(q_mass) - math.log(p_mass)
+    return sampled_direction(p_C, sampled, adv)
 
 
 def drgrpo_sampled_direction(p_C: torch.Tensor, psucc_C: torch.Tensor, sampled: int, reward: float) -> torch.Tensor:
@@ -174,7 +187,7 @@ Direction = Callable[[NodeTensors], torch.Tensor]
 # name -> fn(NodeTensors) -> d_C. "*_sampled" are the single-sample signals on the rollout's own token.
 METHODS: dict[str, Direction] = {
     "reverse_kl": lambda n: reverse_kl_direction(n.p_C, n.q_C),
-    "opd_sampled": lambda n: opd_sampled_direction(n.p_C, n.q_C, n.sampled),
+    "opd_sampled": lambda n: opd_sampled_direction(n.p_C, n.q_C, n.sampled, p_mass=n.p_mass, q_mass=n.q_mass),
     "forward_kl": lambda n: forward_kl_direction(n.p_C, n.q_C),
     "jsd_0.5": lambda n: jsd_direction(n.p_C, n.q_C, 0.5),
     "lsm": lambda n: lsm_direction(n.p_C, n.q_C, n.teacher_topk_C),

@@ -109,13 +109,19 @@ def _diff(a: dict, b: dict) -> str:
     return f"{d:+.3f} ± {math.hypot(a['se'], b['se']):.3f}"
 
 
-def _table(agg_t: dict, methods: list[str], key: str, unit: str) -> list[str]:
+def _table(agg_t: dict, methods: list[str], key: str, unit: str, labels: dict | None = None) -> list[str]:
     bs = agg_t["by_split"]
     lines = ["| method | correct | incorrect | incorrect − correct | all |", "|---|---|---|---|---|"]
     for m in methods:
         c, i, a = (bs[s]["methods"][m][key] for s in SPLITS)
-        lines.append(f"| {m} | {_fmt(c, unit)} | {_fmt(i, unit)} | {_diff(c, i)} | {_fmt(a, unit)} |")
+        lines.append(f"| {(labels or {}).get(m, m)} | {_fmt(c, unit)} | {_fmt(i, unit)} | {_diff(c, i)} | "
+                     f"{_fmt(a, unit)} |")
     return lines
+
+
+def _lsm_k(summary: dict) -> int | None:
+    """The diagnostic LSM support size (``--lsm-k``) a run used; None when its summary does not say."""
+    return (summary.get("settings") or {}).get("lsm_k")
 
 
 def markdown(summary: dict, agg: dict) -> str:
@@ -136,6 +142,11 @@ def markdown(summary: dict, agg: dict) -> str:
         g = s["gate"]
         L += [f"- drift gate: `{g['name']}` (τ = {g['tau']}, block {g['block_size']}), current policy "
               f"`{g['model']}` vs the diagnosed student as behaviour policy; settings from {g['source']}", ""]
+    k_lsm = _lsm_k(s)
+    labels = {"lsm": f"lsm (K = {k_lsm})"} if k_lsm is not None else {}
+    if k_lsm is not None and "lsm" in methods:
+        L += [f"- `lsm` support: the teacher's top-{k_lsm} inside each node's candidate set (`--lsm-k {k_lsm}`), "
+              "not training's `loss.topk` K, which is the teacher's top-K over the full vocabulary", ""]
     L += ["Cells: mean ± standard error (count). Alignment = cosine(g*, method direction) on the node's "
           "candidate set; `*_sampled` rows use the rollout's own token (a single-sample signal), the "
           "others the expected direction. `drgrpo` uses the same Psucc as g*, so it is 1 by construction (a "
@@ -143,14 +154,14 @@ def markdown(summary: dict, agg: dict) -> str:
     for teacher, a in agg.items():
         L += [f"## Teacher `{teacher}`", "",
               "### Per rollout (mean of its node cosines; count = rollouts)", ""]
-        L += _table(a, methods, "rollout", "") + [""]
+        L += _table(a, methods, "rollout", "", labels) + [""]
         L += ["### Pooled nodes (count = nodes; nodes of a rollout are correlated)", ""]
-        L += _table(a, methods, "node", "") + [""]
+        L += _table(a, methods, "node", "", labels) + [""]
         L += ["### Rollout direction (cosine of the concatenated node vectors; count = rollouts)", ""]
-        L += _table(a, methods, "concat", "") + [""]
+        L += _table(a, methods, "concat", "", labels) + [""]
         if s.get("gate"):
             L += ["### Gated rollout direction (each node's direction scaled by its drift-gate weight)", ""]
-            L += _table(a, methods, "concat_gated", "") + [""]
+            L += _table(a, methods, "concat_gated", "", labels) + [""]
             L += ["Gate-weighted node mean (Σ w·cos / Σ w), all rollouts: " + ", ".join(
                 f"{m} {a['by_split']['all']['methods'][m]['node_gate_weighted']}" for m in methods), ""]
         pq = a["per_question"]

@@ -46,7 +46,8 @@ class DiagnoseSettings:
     grader: str | Callable = F("auto", "chain, math, auto (chain for chain problems), or fn(responses, answers) "
                                        "-> list[Verdict | float]")
     probe: ProbeParams = F(ProbeParams(), "node probing: candidates, completions, budget")
-    lsm_k: int = F(3, "LSM support: the teacher's top-K inside the candidates")
+    lsm_k: int = F(3, "LSM support size: the teacher's top-K inside each node's candidate set (labelled in the "
+                      "report); not training's loss.topk (top-K of the full vocabulary), see --lsm-k")
     jsd_betas: tuple[float, ...] = F((), "extra generalized-JSD beta values (0.5 is built in)")
     seed: int = F(0, "seed of the rollouts and of every node's completions")
     out: str = F("diagnose_out", "output directory")

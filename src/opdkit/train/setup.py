@@ -34,8 +34,11 @@ from opdkit.train.update import UpdateSpec
 # restores them. Each process samples from its own stream (the rank is added), and the shuffle of a
 # rollout batch before each pass uses a generator of its own seeded by (seed, step, pass): the order
 # then depends neither on how many random numbers sampling drew nor on where a resumed run restarted.
+# SG-OPD's teacher sampling (§5.2) draws from a generator of its own, seeded by (seed, step, rank): turning
+# it on leaves the student's rollout stream untouched, and a resume needs no extra state for it.
 SAMPLER_SEED_MULT = 7919  # a prime: seed * 7919 + rank never collides for rank < 7919
 PASS_SEED_MULT, STEP_SEED_MULT = 1_000_003, 101
+TEACHER_SEED_OFFSET = 1 << 40  # keeps teacher-sampling seeds apart from the other streams' seeds
 
 
 def sampler_seed(seed: int, rank: int) -> int:
@@ -44,6 +47,10 @@ def sampler_seed(seed: int, rank: int) -> int:
 
 def pass_order_seed(seed: int, step: int, pass_idx: int) -> int:
     return seed * PASS_SEED_MULT + step * STEP_SEED_MULT + pass_idx
+
+
+def teacher_sample_seed(seed: int, step: int, rank: int) -> int:
+    return TEACHER_SEED_OFFSET + (seed * PASS_SEED_MULT + step) * SAMPLER_SEED_MULT + rank
 
 
 @dataclass

@@ -4,9 +4,10 @@
   gated advantage (§5.1; math in :mod:`opdkit.gates.sign`). It is computed once per rollout batch,
   before any split into mini- or micro-batches, because the verifier advantage needs whole groups.
 - :func:`teacher_phase` samples teacher responses for the step's prompts during the first
-  ``phase_steps`` rollout steps and keeps those the verifier endorses (§5.2); they enter the update
-  through a token-mean NLL term of weight :func:`alpha_at`. They never touch the behaviour log-probs,
-  the ratio, or the drift gate.
+  ``phase_steps`` rollout steps and keeps those the verifier endorses (reward exactly 1, §5.2); they
+  enter the update through a token-mean NLL term of weight :func:`alpha_at`, split across the
+  mini-batches of a pass like the rollout batch (:func:`nll_share`). They never touch the behaviour
+  log-probs, the ratio, or the drift gate.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def teacher_phase(teacher, prompts: list[list[int]], answers: list[str], *, samp
                   reward_fn) -> tuple[RolloutBatch | None, dict]:
     """Sample ``samples_per_prompt`` teacher responses per prompt; keep the verifier-endorsed ones.
 
-    ``decode(batch) -> list[str]`` turns responses into text; ``reward_fn(texts, answers) -> list[int]``.
+    ``decode(batch) -> list[str]`` turns responses into text; ``reward_fn(texts, answers) -> list[float]``.
+    Endorsed means reward exactly 1 (§5: a binary verifier); partial credit (0 < r < 1) is not endorsed.
+    ``generator`` should be the teacher's own stream, so the student's later samples do not depend on it.
     Returns (endorsed responses as a batch, or None when none passed; counts).
     """
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -82,10 +85,23 @@ def teacher_phase(teacher, prompts: list[list[int]], answers: list[str], *, samp
     tb = sample_rollouts(teacher, prompts, params, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                          generator=generator, answers=answers)
     rewards = reward_fn(decode(tb), tb.answers)
-    keep = [i for i, r in enumerate(rewards) if r]
+    keep = [i for i, r in enumerate(rewards) if float(r) == 1.0]
     counts = {"teacher_sampled": float(tb.size), "teacher_endorsed": float(len(keep))}
     if not keep:
         return None, counts
     sft = tb.select(keep)
     sft.rewards_B = torch.ones(len(keep))
     return sft, counts
+
+
+def nll_share(sft: RolloutBatch | None, j: int, k: int) -> RolloutBatch | None:
+    """The ``j``-th of ``k`` contiguous shares of the endorsed responses (None: an empty share).
+
+    A pass over the rollout batch makes ``k = minibatches_per_pass`` updates, each on ``1/k`` of the rows;
+    the NLL term is split the same way, so every endorsed response counts once per pass and each update
+    keeps the ``1 : alpha`` per-token weighting of OPD and NLL that ``k = 1`` has (docs/methods.md §5.2).
+    """
+    if sft is None or not sft.size:
+        return None
+    rows = torch.arange(sft.size).tensor_split(k)[j].tolist()
+    return sft.select(rows) if rows else None

@@ -24,8 +24,8 @@ import torch
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.sampler import sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
-from opdkit.train.setup import Trainer, pass_order_seed
-from opdkit.train.sg_opd import alpha_at, teacher_phase
+from opdkit.train.setup import Trainer, pass_order_seed, teacher_sample_seed
+from opdkit.train.sg_opd import alpha_at, nll_share, teacher_phase
 from opdkit.train.update import run_update
 
 
@@ -77,21 +77,23 @@ def endorsed_teacher_samples(t: Trainer, step: int, prompts: StepPrompts):
     """SG-OPD §5.2: during the first ``phase_steps`` rollout steps the teacher answers the same prompts and
     the verifier-endorsed answers enter the update through an NLL term of decaying weight ``alpha``.
     Returns (endorsed batch or None, alpha, counts); outside the phase (and for every other variant)
-    (None, 0.0, {})."""
+    (None, 0.0, {}). The teacher samples from its own generator, so the student's stream is untouched."""
     if step >= t.phase_steps:
         return None, 0.0, {}
     alpha = alpha_at(step, t.phase_steps, t.cfg.sg.alpha)
+    gen = torch.Generator(device=t.generator.device).manual_seed(teacher_sample_seed(t.cfg.train.seed, step, t.rank))
     with t.autocast:
         sft, counts = teacher_phase(
             t.teacher, prompts.ids, prompts.answers, samples_per_prompt=t.cfg.sg.teacher_samples_per_prompt,
-            sampling=t.sampling, eos_token_ids=t.eos_ids, pad_token_id=t.pad_id, generator=t.generator,
+            sampling=t.sampling, eos_token_ids=t.eos_ids, pad_token_id=t.pad_id, generator=gen,
             decode=lambda b: b.decode(t.tok), reward_fn=t.reward_fn)
     return sft, alpha, {**counts, "sg_alpha": alpha}
 
 
 def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float, on_update=None) -> list[dict]:
     """``rollout_passes`` passes over the batch, each a fresh shuffle cut into ``minibatches_per_pass``
-    optimizer updates. Returns every update's metrics, in order."""
+    optimizer updates; SG-OPD's endorsed responses are cut into as many shares, one per update, so the
+    NLL term counts once per pass (§5.2). Returns every update's metrics, in order."""
     rows, passes = t.rows_per_process, t.cfg.train.rollout_passes
     k = t.cfg.train.minibatches_per_pass
     size = rows // k
@@ -102,7 +104,7 @@ def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float,
         for j in range(k):
             with t.autocast:
                 m = run_update(t.student, t.optimizer, t.scheduler, batch.select(order[j * size:(j + 1) * size]),
-                               t.spec, world=t.acc, sft_batch=sft, sft_weight=alpha)
+                               t.spec, world=t.acc, sft_batch=nll_share(sft, j, k), sft_weight=alpha)
             t.update_idx += 1
             m["pass"] = p
             out.append(m)
@@ -117,7 +119,8 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     ``sampled_rkl`` comes from the first update: the reverse KL of the rollouts under the policy that
     sampled them, before this batch moved it (what "the student is getting closer to the teacher"
     means). ``drift_abs_mean`` and ``gate_std`` come from the last update: by then the batch has been
-    reused the most, so that is the largest drift the gate saw. Gate min / max span all updates."""
+    reused the most, so that is the largest drift the gate saw. Gate min / max span all updates; ``gate_*``
+    are of the normalised gate that weights the loss, ``gate_raw_*`` of the raw gate (:mod:`opdkit.train.update`)."""
     device = batch.response_ids_BT.device
     tokens = float(batch.num_tokens())
     solve = None
@@ -131,7 +134,9 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     return {"step": step, "loss": sum(u["loss"] for u in upd) / len(upd),
             "sampled_rkl": upd[0]["sampled_rkl"], "drift_abs_mean": upd[-1]["drift_abs_mean"],
             "gate_min": min(u["gate_min"] for u in upd), "gate_max": max(u["gate_max"] for u in upd),
-            "gate_std": upd[-1]["gate_std"], "response_len": batch.response_lengths_B.float().mean().item(),
+            "gate_std": upd[-1]["gate_std"], "gate_raw_min": min(u["gate_raw_min"] for u in upd),
+            "gate_raw_max": max(u["gate_raw_max"] for u in upd), "gate_raw_std": upd[-1]["gate_raw_std"],
+            "response_len": batch.response_lengths_B.float().mean().item(),
             "stop_eos": batch.stop_reasons.count("eos") / max(1, batch.size),
             "stop_length": batch.stop_reasons.count("length") / max(1, batch.size),
             "solve_rate": solve, **times, "time/step": wall, "tokens_per_s": tokens / max(wall, 1e-9),

@@ -42,8 +42,11 @@ class UpdateSpec:
     max_grad_norm: float = 1.0
 
 
-# metric sums aggregated over micro-batches and processes (divided once at the end)
-_SUM_KEYS = ("tokens", "seqs", "loss_num", "clip", "abs_drift", "gate_sum", "gate_sq", "rkl", "resp_len")
+# metric sums aggregated over micro-batches and processes (divided once at the end). ``gate_*``: the gate as
+# the micro-batch applies it (per-row normalised for scope sequence, raw for scope batch, whose division by
+# the step-batch mean happens once at the end); ``raw_gate_*``: the raw gate exp(-tau|s_b|).
+_SUM_KEYS = ("tokens", "seqs", "loss_num", "clip", "abs_drift", "gate_sum", "gate_sq", "raw_gate_sum",
+             "raw_gate_sq", "rkl", "resp_len")
 
 
 def _all_reduce(t: torch.Tensor, op: str, world) -> torch.Tensor:
@@ -72,18 +75,18 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
                    student_lse_BT=out.lse_BT, teacher_support_logits_BTK=micro.teacher_topk_logits_BTK,
                    teacher_lse_BT=micro.teacher_lse_BT, advantage_BT=advantage)
     loss_BT = spec.loss.fn(x, spec.hparams)
-    gate = None
+    gate = raw = None
     if spec.segmenter is not None:
         seg = spec.segmenter(micro.response_ids_BT, mask, spec.segment_params)
-        gate = drift_gate(out.logp_BT, micro.logp_old_BT, mask, seg, tau=spec.tau)
+        gate = raw = drift_gate(out.logp_BT, micro.logp_old_BT, mask, seg, tau=spec.tau)
         if spec.gate_scope == "sequence":
-            gate = normalize_gate(gate, mask, scope="sequence")
+            gate = normalize_gate(raw, mask, scope="sequence")
     num = loss_numerator(loss_BT, mask, spec.reduction, weights_BT=gate)
     with torch.no_grad():
         logp = out.logp_BT.detach()
         adv = advantage if advantage is not None else opd_advantage(micro.teacher_logp_BT, micro.logp_old_BT, mask)
-        g = gate if gate is not None else mask
-        ds = drift_stats(logp, micro.logp_old_BT, mask, g)
+        ds = drift_stats(logp, micro.logp_old_BT, mask, gate if gate is not None else mask)
+        dr = drift_stats(logp, micro.logp_old_BT, mask, raw) if raw is not None and raw is not gate else ds
         valid = mask > 0
         m = {
             "tokens": mask.sum(), "seqs": (mask.sum(-1) > 0).float().sum(), "loss_num": num.detach(),
@@ -91,7 +94,9 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
             "abs_drift": ds["abs_drift_sum"], "gate_sum": ds["gate_sum"], "gate_sq": ds["gate_sq_sum"],
             "rkl": torch.where(valid, logp - micro.teacher_logp_BT, 0.0).sum(),
             "resp_len": micro.response_mask_BT.float().sum(),
+            "raw_gate_sum": dr["gate_sum"], "raw_gate_sq": dr["gate_sq_sum"],
             "gate_min": ds["gate_min"], "gate_max": ds["gate_max"],
+            "raw_gate_min": dr["gate_min"], "raw_gate_max": dr["gate_max"],
         }
     return num, mask, gate, m
 
@@ -133,7 +138,7 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
         optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(3, dtype=torch.float64)
     sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
-    gmin, gmax = torch.tensor(math.inf), torch.tensor(-math.inf)
+    gmin, gmax = torch.full((2,), math.inf), torch.full((2,), -math.inf)  # (applied gate, raw gate)
     for s in range(0, batch.size, spec.microbatch_size):
         micro = batch.select(list(range(s, min(s + spec.microbatch_size, batch.size))))
         num, mask, gate, m = compute_micro(model, micro, spec)
@@ -141,13 +146,14 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
         stats += reduction_stats(mask, gate).cpu()
         for k in _SUM_KEYS:
             sums[k] += m[k].double().cpu()
-        gmin, gmax = torch.minimum(gmin, m["gate_min"].cpu()), torch.maximum(gmax, m["gate_max"].cpu())
+        gmin = torch.minimum(gmin, torch.stack([m["gate_min"], m["raw_gate_min"]]).cpu())
+        gmax = torch.maximum(gmax, torch.stack([m["gate_max"], m["raw_gate_max"]]).cpu())
 
     packed = torch.cat([stats, torch.stack([sums[k] for k in _SUM_KEYS])])
     packed = _all_reduce(packed.to(_device(model)), "sum", world).cpu()
     stats, vals = packed[:3], dict(zip(_SUM_KEYS, packed[3:].tolist()))
-    gmin = _all_reduce(gmin.to(_device(model)), "min", world).item()
-    gmax = _all_reduce(gmax.to(_device(model)), "max", world).item()
+    gmin = _all_reduce(gmin.to(_device(model)), "min", world).tolist()
+    gmax = _all_reduce(gmax.to(_device(model)), "max", world).tolist()
     weighted = spec.segmenter is not None and spec.gate_scope == "batch"
     den = loss_denominator(stats, spec.reduction, constant=spec.reduction_constant, weighted=weighted)
     for p in model.parameters():
@@ -170,15 +176,36 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     n = max(vals["tokens"], 1.0)
-    gate_mean = vals["gate_sum"] / n
     return {
         "loss": loss, "grad_norm": grad_norm, "skipped": float(skipped), "lr": scheduler.get_last_lr()[0],
         "clip_frac": vals["clip"] / n, "drift_abs_mean": vals["abs_drift"] / n,
-        "gate_mean": gate_mean, "gate_std": math.sqrt(max(vals["gate_sq"] / n - gate_mean**2, 0.0)),
-        "gate_min": gmin if math.isfinite(gmin) else 0.0, "gate_max": gmax if math.isfinite(gmax) else 0.0,
+        **_gate_metrics(vals, gmin, gmax, n, batch_scope=weighted),
         "sampled_rkl": vals["rkl"] / n, "response_len": vals["resp_len"] / max(vals["seqs"], 1.0),
         "tokens": vals["tokens"], "teacher_nll": nll, "teacher_nll_weight": sft_weight if sft_grads else 0.0,
     }
+
+
+def _gate_metrics(vals: dict, gmin: list, gmax: list, n: float, *, batch_scope: bool) -> dict:
+    """Gate telemetry (§4): ``gate_mean|std|min|max`` of the normalised gate that weights the loss, in every
+    ``gate.normalize`` scope; ``gate_raw_*`` of the raw gate ``exp(-tau|s_b|)`` (<= 1).
+
+    Scope batch normalises by the step-batch mean ``w̄ = Σ g / N`` (the reduction's weighted denominator),
+    so its normalised stats are the raw ones divided by ``w̄``; scope sequence normalised per row already.
+    """
+    def four(s: float, sq: float, lo: float, hi: float, scale: float = 1.0) -> tuple[float, ...]:
+        mean = s / n
+        std = math.sqrt(max(sq / n - mean**2, 0.0))
+        lo, hi = (x if math.isfinite(x) else 0.0 for x in (lo, hi))
+        return mean * scale, std * scale, lo * scale, hi * scale
+
+    raw = four(vals["raw_gate_sum"], vals["raw_gate_sq"], gmin[1], gmax[1])
+    if batch_scope:
+        wbar = vals["gate_sum"] / n
+        norm = four(vals["gate_sum"], vals["gate_sq"], gmin[0], gmax[0], 1.0 / wbar if wbar > 0 else 0.0)
+    else:
+        norm = four(vals["gate_sum"], vals["gate_sq"], gmin[0], gmax[0])
+    names = ("mean", "std", "min", "max")
+    return {**{f"gate_{k}": v for k, v in zip(names, norm)}, **{f"gate_raw_{k}": v for k, v in zip(names, raw)}}
 
 
 def _device(model) -> torch.device:
