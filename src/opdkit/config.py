@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from opdkit.gates.drift import BLOCK_STATISTICS, GATE_NORMALIZATIONS
 from opdkit.gates.registry import SEGMENTERS
 from opdkit.losses.reduction import REDUCTION_MODES
 from opdkit.losses.registry import BASE_LOSSES
@@ -80,7 +81,10 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    name: str = F("opd", "base loss: opd (sampled-token, §2.1), lsm (§2.2), fkl, rkl, jsd (top-K §2.3)")
+    name: str = F("opd", "base loss: opd (sampled-token, §2.1), lsm (§2.2), fkl, rkl, jsd (top-K §2.3), "
+                         "opd_tis (opdkit extension, §8: sampled-token OPD with the per-token truncated IS "
+                         "weight min(π/π_old, loss.tis_cap) instead of the PPO clip, as verl's rollout "
+                         "correction)")
     clip_eps: float = F(0.2, "PPO clip ε of opd")
     dual_clip: float = F(3.0, "dual-clip constant c of opd (<= 0 disables)")
     topk: int = F(32, "teacher top-K support size for lsm / fkl / rkl / jsd")
@@ -90,7 +94,11 @@ class LossConfig:
     reduction_constant: float = F(0.0, "divisor of reduction 'constant' (e.g. max_new_tokens)")
     special_tokens: list = F([], "mask the first occurrence of each of these tokens per response (§2.4; "
                                  "paper: ['<', 'think', '<|im_end|>'])")
-    advantage: str = F("plain", "opd advantage: plain (log q − log π_old) or sign_gated (SG-OPD §5.1)")
+    advantage: str = F("plain", "advantage of opd / opd_tis: plain (log q − log π_old), sign_gated (SG-OPD §5.1), "
+                                "recompute (opdkit extension, §8, after AsyncOPD: log q − log π_current, "
+                                "recomputed at every update of a reused rollout batch)")
+    tis_cap: float = F(2.0, "opd_tis: the truncation C of the per-token importance ratio π/π_old (opdkit "
+                            "extension, §8; verl's default threshold 2)")
 
 
 @dataclass
@@ -110,7 +118,12 @@ class GateConfig:
     name: str = F("none", "drift gate segmentation: none, token, block, newline, sequence (§4)")
     block_size: int = F(64, "tokens per block for gate 'block'")
     tau: float = F(1.0, "gate temperature τ in exp(−τ|s_b|)")
-    normalize: str = F("batch", "gate mean-normalization scope: batch (optimizer-step batch) or sequence")
+    normalize: str = F("batch", "gate mean-normalization: batch (over the optimizer-step batch, §4), sequence "
+                                "(per response), none (opdkit extension, §8: the raw gate g <= 1 multiplies "
+                                "the loss, so an update in which every block drifts shrinks)")
+    statistic: str = F("signed_mean", "block drift score s_b: signed_mean (mean of lp − lp_old, §4) or "
+                                      "abs_mean (opdkit extension, §8: mean of |lp − lp_old|, so drifts of "
+                                      "opposite sign do not cancel)")
     newline_min_len: int = F(16, "newline spans shorter than this many tokens merge into the next")
     newline_max_len: int = F(128, "newline spans longer than this many tokens split into equal parts")
     newline_fallback: int = F(64, "block size for responses without a newline")
@@ -178,13 +191,14 @@ CHOICES = {
     "loss.reduction": REDUCTION_MODES,
     "loss.advantage": tuple(ADVANTAGES),
     "gate.name": tuple(SEGMENTERS),
-    "gate.normalize": ("batch", "sequence"),
+    "gate.normalize": tuple(GATE_NORMALIZATIONS),
+    "gate.statistic": tuple(BLOCK_STATISTICS),
     "sg.baseline": ("group_mean", "none"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.device": DEVICE_CHOICES,
 }
 POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
-            "rollout.temperature", "loss.topk", "gate.block_size", "gate.newline_fallback",
+            "rollout.temperature", "loss.topk", "loss.tis_cap", "gate.block_size", "gate.newline_fallback",
             "gate.newline_max_len", "optim.lr", "train.train_steps", "train.rollout_passes",
             "train.minibatches_per_pass", "train.microbatch_size", "train.teacher_microbatch_size",
             "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints", "train.divergence_factor"]
@@ -221,8 +235,12 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
         raise ConfigError(f"loss.jsd_beta = {cfg.loss.jsd_beta} must be in [0, 1]")
     if cfg.loss.reduction == "constant" and cfg.loss.reduction_constant <= 0:
         raise ConfigError("loss.reduction = constant needs loss.reduction_constant > 0 (e.g. max_new_tokens)")
-    if cfg.loss.advantage == "sign_gated" and (cfg.loss.name != "opd" or cfg.rollout.reward == "none"):
-        raise ConfigError("loss.advantage = sign_gated needs loss.name = opd and a rollout.reward verifier")
+    if cfg.loss.advantage != "plain" and not BASE_LOSSES[cfg.loss.name].uses_advantage:
+        takes = ", ".join(n for n, spec in BASE_LOSSES.items() if spec.uses_advantage)
+        raise ConfigError(f"loss.advantage = {cfg.loss.advantage} needs a loss that reads the advantage "
+                          f"(loss.name: {takes}); loss.name = {cfg.loss.name} does not")
+    if cfg.loss.advantage == "sign_gated" and cfg.rollout.reward == "none":
+        raise ConfigError("loss.advantage = sign_gated needs a rollout.reward verifier (e.g. math, chain)")
     if cfg.sg.phase_steps < -1 or cfg.sg.teacher_samples_per_prompt < 1:
         raise ConfigError("sg.phase_steps must be >= -1 (-1 = auto) and sg.teacher_samples_per_prompt >= 1")
     if phase_steps(cfg) > 0 and cfg.rollout.reward == "none":

@@ -1,9 +1,11 @@
 """Blockwise policy-drift gate (docs/methods.md §4 steps 1-5; arXiv 2606.24084).
 
     δ_t = sg(lp_t − lp_old_t)                    (step 1, drift on the sampled path)
-    s_b = mean_{t∈b, m_t=1} δ_t                  (step 3, signed block mean)
+    s_b = mean_{t∈b, m_t=1} δ_t                  (step 3, signed block mean; ``statistic="signed_mean"``)
+    s_b = mean_{t∈b, m_t=1} |δ_t|                (``statistic="abs_mean"``, opdkit extension, §8)
     g_t = exp(−τ·|s_b|)  for t ∈ b               (step 4)
-    g̃_t = g_t / mean_{m=1}(g)                    (step 5, see :func:`normalize_gate`)
+    g̃_t = g_t / mean_{m=1}(g)                    (step 5, see :func:`normalize_gate` and
+                                                  :data:`GATE_NORMALIZATIONS`; ``none`` keeps g_t, §8)
 
 Segments come from :mod:`opdkit.gates.segments` (any int ids, ``-1`` on invalid positions). Gates are
 float32, detached, exactly 1.0 on valid tokens when ``lp == lp_old`` and 0 on masked positions.
@@ -12,9 +14,58 @@ Everything is vectorized over B and T with segment sums (``index_add_``); no Pyt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 _SCOPES = ("sequence", "batch")
+
+#: gate.statistic -> per-token value whose segment mean is the block score ``s_b`` (input: δ_BT, float32).
+#: ``signed_mean`` is the paper's (§4 step 3); ``abs_mean`` (opdkit extension, §8) stops drifts of opposite
+#: sign inside a block from cancelling.
+BLOCK_STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "signed_mean": lambda delta_BT: delta_BT,
+    "abs_mean": torch.abs,
+}
+
+
+@dataclass(frozen=True)
+class GateNormalization:
+    """How the mean of a gate is taken out (§4 step 5); the names of gate.normalize come from
+    :data:`GATE_NORMALIZATIONS`.
+
+    ``per_sequence``: divide each row by its own valid-token mean (:func:`normalize_gate` ``"sequence"``)
+    inside the micro-batch. ``step_batch``: divide the step loss by the mean gate over the optimizer-step
+    batch (the reduction's weighted denominator, ``Σ g·l / Σ g`` for token-mean). Neither: the raw
+    gate ``g ≤ 1`` multiplies the loss, so an update in which every block drifts is shrunk as a whole.
+    """
+
+    per_sequence: bool
+    step_batch: bool
+    doc: str
+
+
+GATE_NORMALIZATIONS: dict[str, GateNormalization] = {
+    "batch": GateNormalization(False, True, "g / mean(g) over the optimizer-step batch (§4 step 5)"),
+    "sequence": GateNormalization(True, False, "g / mean(g) per response (§4 step 5, scope ours)"),
+    "none": GateNormalization(False, False, "raw gate, no renormalisation (opdkit extension, §8)"),
+}
+
+
+def get_gate_normalization(name: str) -> GateNormalization:
+    """The registered gate normalisation ``name``; an unknown name lists the valid ones."""
+    try:
+        return GATE_NORMALIZATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown gate normalisation {name!r}; valid: {', '.join(GATE_NORMALIZATIONS)}") from None
+
+
+def _statistic(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return BLOCK_STATISTICS[name]
+    except KeyError:
+        raise ValueError(f"unknown gate statistic {name!r}; valid: {', '.join(BLOCK_STATISTICS)}") from None
 
 
 def _check(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, mask_BT: torch.Tensor,
@@ -40,16 +91,18 @@ def _drift(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor) -> torch.Tensor:
 
 
 def segment_scores(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, mask_BT: torch.Tensor,
-                   segment_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Signed block score broadcast per token (§4 steps 1 and 3, arXiv 2606.24084).
+                   segment_ids_BT: torch.Tensor, *, statistic: str = "signed_mean") -> torch.Tensor:
+    """Block score broadcast per token (§4 steps 1 and 3, arXiv 2606.24084; ``abs_mean``: §8, ours).
 
     Shapes: ``logp_BT``, ``logp_old_BT``, ``mask_BT``, ``segment_ids_BT`` all [B,T] → ``s_BT`` [B,T].
-    ``s_t = s_b = mean_{t'∈b, m_t'=1} sg(lp_t' − lp_old_t')`` for the segment ``b`` of token ``t``;
+    ``s_t = s_b = mean_{t'∈b, m_t'=1} f(sg(lp_t' − lp_old_t'))`` for the segment ``b`` of token ``t``,
+    with ``f`` from :data:`BLOCK_STATISTICS` (``signed_mean``: ``f(δ) = δ``; ``abs_mean``: ``|δ|``);
     0 on masked positions. Float32, detached. Segment ids may be any int64 values (``-1`` allowed only
     where ``mask == 0``); tokens sharing an id form one segment, even across rows.
     """
+    f = _statistic(statistic)
     valid_BT = _check(logp_BT, logp_old_BT, mask_BT, segment_ids_BT)
-    delta_BT = _drift(logp_BT, logp_old_BT)
+    delta_BT = f(_drift(logp_BT, logp_old_BT))
     s_BT = torch.zeros_like(delta_BT)
     ids_N = segment_ids_BT[valid_BT].to(torch.long)
     if ids_N.numel() == 0:
@@ -65,18 +118,19 @@ def segment_scores(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, mask_BT: to
 
 
 def drift_gate(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, mask_BT: torch.Tensor,
-               segment_ids_BT: torch.Tensor, *, tau: float = 1.0) -> torch.Tensor:
+               segment_ids_BT: torch.Tensor, *, tau: float = 1.0, statistic: str = "signed_mean") -> torch.Tensor:
     """Drift gate ``g_t = exp(−τ·|s_b|)`` (§4 steps 1-4, arXiv 2606.24084).
 
     Shapes: ``logp_BT`` (current student log-prob of the sampled token), ``logp_old_BT`` (behaviour
     student, recorded at sampling), ``mask_BT``, ``segment_ids_BT`` all [B,T] → ``gate_BT`` [B,T].
-    ``s_b`` is the signed mean of ``δ = sg(lp − lp_old)`` over the valid tokens of segment ``b``
-    (:func:`segment_scores`). Float32, detached (``requires_grad`` False); exactly 1.0 on valid tokens
-    when ``logp == logp_old``; 0 on masked positions. Not normalized: see :func:`normalize_gate`.
+    ``s_b`` is the signed mean of ``δ = sg(lp − lp_old)`` over the valid tokens of segment ``b``, or the
+    mean of ``|δ|`` with ``statistic="abs_mean"`` (:func:`segment_scores`). Float32, detached
+    (``requires_grad`` False); exactly 1.0 on valid tokens when ``logp == logp_old``; 0 on masked
+    positions. Not normalized: see :func:`normalize_gate` and :data:`GATE_NORMALIZATIONS`.
     """
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    s_BT = segment_scores(logp_BT, logp_old_BT, mask_BT, segment_ids_BT)
+    s_BT = segment_scores(logp_BT, logp_old_BT, mask_BT, segment_ids_BT, statistic=statistic)
     g_BT = torch.exp(-float(tau) * s_BT.abs())
     return torch.where(mask_BT != 0, g_BT, torch.zeros_like(g_BT))
 

@@ -20,10 +20,12 @@ from opdkit.losses.reduction import (
     reduction_stats,
 )
 from opdkit.losses.registry import BASE_LOSSES, LossHParams, LossInputs, get_loss
+from opdkit.losses.tis import tis_weight, truncated_is_opd
 
 __all__ = [
     "BASE_LOSSES", "REDUCTION_MODES", "LogprobOutput", "LossHParams", "LossInputs", "clip_fraction",
     "forward_kl", "fused_logprobs", "generalized_jsd", "get_loss", "logprobs_from_logits", "loss_denominator",
     "loss_numerator", "opd_advantage", "reduce_loss", "reduction_stats", "reverse_kl", "sampled_token_opd",
-    "special_token_mask", "topk_forward_kl", "topk_generalized_jsd", "topk_reverse_kl", "topk_support_matching",
+    "special_token_mask", "tis_weight", "topk_forward_kl", "topk_generalized_jsd", "topk_reverse_kl",
+    "topk_support_matching", "truncated_is_opd",
 ]

@@ -16,6 +16,7 @@ import torch
 from opdkit.losses.divergences import topk_forward_kl, topk_generalized_jsd, topk_reverse_kl
 from opdkit.losses.lsm import topk_support_matching
 from opdkit.losses.opd import sampled_token_opd
+from opdkit.losses.tis import truncated_is_opd
 
 
 @dataclass
@@ -26,7 +27,8 @@ class LossInputs:
     (with grad). logp_old_BT: behaviour log-prob (recorded at sampling). logp_teacher_BT: teacher's.
     student_support_logits_BTK / student_lse_BT: student logits on the teacher's top-K ids and its
     log-normaliser (with grad). teacher_support_logits_BTK / teacher_lse_BT: the teacher's.
-    advantage_BT: optional advantage replacing ``logp_teacher − logp_old`` in opd (SG-OPD §5.1).
+    advantage_BT: optional advantage replacing ``logp_teacher − logp_old`` in the losses that read one
+    (``LossSpec.uses_advantage``): SG-OPD's gated advantage (§5.1) or the recomputed one (§8).
     """
 
     mask_BT: torch.Tensor
@@ -48,13 +50,18 @@ class LossHParams:
     dual_clip: float | None = 3.0
     jsd_beta: float = 0.5
     tail: bool = True
+    tis_cap: float = 2.0  # C of opd_tis's truncated IS weight (§8, opdkit extension)
 
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A base loss: ``fn``, whether it needs the teacher's top-K support, and whether it reads
+    ``LossInputs.advantage_BT`` (only such losses combine with ``loss.advantage`` other than plain)."""
+
     fn: Callable[[LossInputs, LossHParams], torch.Tensor]
     needs_support: bool
     doc: str
+    uses_advantage: bool = False
 
 
 def _support_logps(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +75,11 @@ def _support_logps(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
 def _opd(x: LossInputs, hp: LossHParams) -> torch.Tensor:
     return sampled_token_opd(x.logp_BT, x.logp_old_BT, x.logp_teacher_BT, x.mask_BT, clip_eps=hp.clip_eps,
                              dual_clip=hp.dual_clip, advantage_BT=x.advantage_BT)
+
+
+def _opd_tis(x: LossInputs, hp: LossHParams) -> torch.Tensor:
+    return truncated_is_opd(x.logp_BT, x.logp_old_BT, x.logp_teacher_BT, x.mask_BT, cap=hp.tis_cap,
+                            advantage_BT=x.advantage_BT)
 
 
 def _lsm(x: LossInputs, hp: LossHParams) -> torch.Tensor:
@@ -89,11 +101,13 @@ def _jsd(x: LossInputs, hp: LossHParams) -> torch.Tensor:
 
 
 BASE_LOSSES: dict[str, LossSpec] = {
-    "opd": LossSpec(_opd, False, "sampled-token OPD, PPO dual-clip surrogate (§2.1)"),
+    "opd": LossSpec(_opd, False, "sampled-token OPD, PPO dual-clip surrogate (§2.1)", uses_advantage=True),
     "lsm": LossSpec(_lsm, True, "teacher top-K local support matching (§2.2)"),
     "fkl": LossSpec(_fkl, True, "forward KL on the teacher top-K (+ tail) (§2.3)"),
     "rkl": LossSpec(_rkl, True, "reverse KL on the teacher top-K (+ tail) (§2.3)"),
     "jsd": LossSpec(_jsd, True, "generalized JSD(β) on the teacher top-K (+ tail) (§2.3)"),
+    "opd_tis": LossSpec(_opd_tis, False, "sampled-token OPD with a per-token truncated IS weight instead of the "
+                                         "PPO clip (§8, opdkit extension)", uses_advantage=True),
 }
 
 

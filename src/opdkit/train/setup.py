@@ -27,7 +27,7 @@ from opdkit.runtime.graders import reward_fn as get_reward
 from opdkit.runtime.models import auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import resolve_plan
-from opdkit.train.sg_opd import batch_advantage
+from opdkit.train.sg_opd import batch_advantage, update_advantage
 from opdkit.train.update import UpdateSpec
 
 # Seeds of the random streams, derived from train.seed so that a run is reproducible and a resume
@@ -110,12 +110,13 @@ def build_update_spec(cfg: Config, tok, vocab_limit: int | None) -> UpdateSpec:
         loss=get_loss(cfg.loss.name),
         hparams=LossHParams(clip_eps=cfg.loss.clip_eps,
                             dual_clip=cfg.loss.dual_clip if cfg.loss.dual_clip > 0 else None,
-                            jsd_beta=cfg.loss.jsd_beta, tail=cfg.loss.tail),
+                            jsd_beta=cfg.loss.jsd_beta, tail=cfg.loss.tail, tis_cap=cfg.loss.tis_cap),
         reduction=cfg.loss.reduction,
         reduction_constant=cfg.loss.reduction_constant or None,
         segmenter=get_segmenter(cfg.gate.name),
         segment_params=segment_params(cfg.gate, tok),
-        tau=cfg.gate.tau, gate_scope=cfg.gate.normalize,
+        tau=cfg.gate.tau, gate_scope=cfg.gate.normalize, gate_statistic=cfg.gate.statistic,
+        token_advantage=update_advantage(cfg.loss.advantage),
         special_token_ids=tuple(single_token_ids(tok, cfg.loss.special_tokens)) if cfg.loss.special_tokens else (),
         microbatch_size=cfg.train.microbatch_size, chunk_size=cfg.train.logprob_chunk_size,
         vocab_limit=vocab_limit, max_grad_norm=cfg.optim.max_grad_norm,

@@ -3,6 +3,8 @@
 - :func:`apply_sign_gate` replaces the OPD advantage of a whole rollout batch by the sign-consistency
   gated advantage (§5.1; math in :mod:`opdkit.gates.sign`). It is computed once per rollout batch,
   before any split into mini- or micro-batches, because the verifier advantage needs whole groups.
+- ``loss.advantage = recompute`` (AsyncOPD, arXiv 2606.24143; docs/methods.md §8) needs no batch
+  transform: :data:`ADVANTAGES` gives the update ``A = sg(lq − lp_current)`` to compute per micro-batch.
 - :func:`teacher_phase` samples teacher responses for the step's prompts during the first
   ``phase_steps`` rollout steps and keeps those the verifier endorses (reward exactly 1, §5.2); they
   enter the update through a token-mean NLL term of weight :func:`alpha_at`, split across the
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -46,20 +49,48 @@ def apply_sign_gate(batch: RolloutBatch, *, lam: float, beta: float, baseline: s
     }
 
 
-# loss.advantage -> builder of the batch-level advantage transform (None: the plain OPD advantage, which
-# the loss computes itself from log q - log pi_old). The valid names of loss.advantage come from here.
-ADVANTAGES: dict[str, Callable] = {
-    "plain": lambda sg: None,
-    "sign_gated": lambda sg: partial(apply_sign_gate, lam=sg.lam, beta=sg.beta, baseline=sg.baseline),
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """One value of ``loss.advantage``: where the advantage the loss reads comes from.
+
+    ``batch(sg)`` builds the transform applied once per rollout batch, before any split (``None``: the
+    loss computes ``log q − log π_old`` itself). ``per_update`` (or ``None``) computes the advantage of
+    every micro-batch at every update from the current student:
+    ``per_update(logp_teacher_BT, logp_current_BT, mask_BT) -> advantage_BT`` (detached, [B,T]).
+    """
+
+    batch: Callable
+    per_update: Callable | None
+    doc: str
+
+
+# loss.advantage -> AdvantageSpec. The valid names of loss.advantage come from here.
+ADVANTAGES: dict[str, AdvantageSpec] = {
+    "plain": AdvantageSpec(lambda sg: None, None, "A = sg(lq − lp_old) (§2.1)"),
+    "sign_gated": AdvantageSpec(
+        lambda sg: partial(apply_sign_gate, lam=sg.lam, beta=sg.beta, baseline=sg.baseline), None,
+        "SG-OPD's sign-consistency gated advantage (§5.1)"),
+    # AsyncOPD (arXiv 2606.24143): A = sg(lq − lp_current) at every pass; opd_advantage detaches both inputs
+    "recompute": AdvantageSpec(lambda sg: None, opd_advantage,
+                               "A = sg(lq − lp_current), recomputed at every update (§8, AsyncOPD 2606.24143)"),
 }
+
+
+def _advantage(name: str) -> AdvantageSpec:
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss.advantage {name!r}; valid: {', '.join(ADVANTAGES)}") from None
 
 
 def batch_advantage(name: str, sg) -> Callable | None:
     """``fn(batch) -> (batch, telemetry)`` for ``loss.advantage = name`` (``sg``: the SG-OPD settings)."""
-    try:
-        return ADVANTAGES[name](sg)
-    except KeyError:
-        raise ValueError(f"unknown loss.advantage {name!r}; valid: {', '.join(ADVANTAGES)}") from None
+    return _advantage(name).batch(sg)
+
+
+def update_advantage(name: str) -> Callable | None:
+    """The per-update advantage of ``loss.advantage = name`` (``None``: the advantage is fixed per batch)."""
+    return _advantage(name).per_update
 
 
 def alpha_at(step: int, phase_steps: int, alpha: float) -> float:

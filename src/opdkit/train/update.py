@@ -9,11 +9,12 @@ denominator, so the update depends neither on ``microbatch_size`` nor on the num
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from opdkit.gates.drift import drift_gate, drift_stats, normalize_gate
+from opdkit.gates.drift import drift_gate, drift_stats, get_gate_normalization, normalize_gate
 from opdkit.gates.registry import Segmenter, SegmentParams
 from opdkit.losses.masking import special_token_mask
 from opdkit.losses.opd import clip_fraction, opd_advantage
@@ -34,7 +35,10 @@ class UpdateSpec:
     segmenter: Segmenter | None = None
     segment_params: SegmentParams = SegmentParams()
     tau: float = 1.0
-    gate_scope: str = "batch"
+    gate_scope: str = "batch"  # a GATE_NORMALIZATIONS name (gate.normalize)
+    gate_statistic: str = "signed_mean"  # a BLOCK_STATISTICS name (gate.statistic)
+    # loss.advantage = recompute: fn(logp_teacher_BT, logp_current_BT, mask_BT) -> A_BT, per micro-batch
+    token_advantage: Callable | None = None
     special_token_ids: tuple[int, ...] = ()
     microbatch_size: int = 8
     chunk_size: int = 1024
@@ -70,6 +74,8 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
     out = response_logprobs(model, micro, gather_ids_BTK=gather, chunk_size=spec.chunk_size,
                             vocab_limit=spec.vocab_limit)
     advantage = micro.advantage_BT  # SG-OPD's gated advantage (§5.1) when set, else the plain one
+    if spec.token_advantage is not None:  # recomputed under the current student at every update (§8)
+        advantage = spec.token_advantage(micro.teacher_logp_BT, out.logp_BT, mask)
     x = LossInputs(mask_BT=mask, logp_BT=out.logp_BT, logp_old_BT=micro.logp_old_BT,
                    logp_teacher_BT=micro.teacher_logp_BT, student_support_logits_BTK=out.gathered_logits_BTK,
                    student_lse_BT=out.lse_BT, teacher_support_logits_BTK=micro.teacher_topk_logits_BTK,
@@ -78,8 +84,9 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
     gate = raw = None
     if spec.segmenter is not None:
         seg = spec.segmenter(micro.response_ids_BT, mask, spec.segment_params)
-        gate = raw = drift_gate(out.logp_BT, micro.logp_old_BT, mask, seg, tau=spec.tau)
-        if spec.gate_scope == "sequence":
+        gate = raw = drift_gate(out.logp_BT, micro.logp_old_BT, mask, seg, tau=spec.tau,
+                                statistic=spec.gate_statistic)
+        if get_gate_normalization(spec.gate_scope).per_sequence:
             gate = normalize_gate(raw, mask, scope="sequence")
     num = loss_numerator(loss_BT, mask, spec.reduction, weights_BT=gate)
     with torch.no_grad():
@@ -154,7 +161,7 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
     stats, vals = packed[:3], dict(zip(_SUM_KEYS, packed[3:].tolist()))
     gmin = _all_reduce(gmin.to(_device(model)), "min", world).tolist()
     gmax = _all_reduce(gmax.to(_device(model)), "max", world).tolist()
-    weighted = spec.segmenter is not None and spec.gate_scope == "batch"
+    weighted = spec.segmenter is not None and get_gate_normalization(spec.gate_scope).step_batch
     den = loss_denominator(stats, spec.reduction, constant=spec.reduction_constant, weighted=weighted)
     for p in model.parameters():
         if p.grad is not None:
