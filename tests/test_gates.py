@@ -10,7 +10,14 @@ import math
 import pytest
 import torch
 
-from opdkit.gates.drift import drift_gate, drift_stats, normalize_gate, segment_scores
+from opdkit.gates.drift import (
+    GATE_NORMALIZATIONS,
+    drift_gate,
+    drift_stats,
+    get_gate_normalization,
+    normalize_gate,
+    segment_scores,
+)
 from opdkit.gates.segments import block_segments, newline_segments, sequence_segments, token_segments
 from opdkit.gates.sign import sign_agreement, sign_consistency_advantage, verifier_advantage
 
@@ -32,8 +39,8 @@ def _random_batch(seed: int, B: int = 6, T: int = 40):
     return logp.float(), logp_old.float(), mask
 
 
-def _ref_gate(logp, logp_old, mask, seg, tau):
-    """Float64 Python-loop reference of §4 steps 1-4."""
+def _ref_gate(logp, logp_old, mask, seg, tau, statistic="signed_mean"):
+    """Float64 Python-loop reference of §4 steps 1-4 (``abs_mean``: the block mean of |δ|, §8)."""
     B, T = mask.shape
     d = (logp.double() - logp_old.double()).tolist()
     m, s = mask.tolist(), seg.tolist()
@@ -44,7 +51,8 @@ def _ref_gate(logp, logp_old, mask, seg, tau):
                 members.setdefault(s[b][t], []).append((b, t))
     out = [[0.0] * T for _ in range(B)]
     for toks in members.values():
-        mean = sum(d[b][t] for b, t in toks) / len(toks)
+        f = abs if statistic == "abs_mean" else (lambda x: x)
+        mean = sum(f(d[b][t]) for b, t in toks) / len(toks)
         for b, t in toks:
             out[b][t] = math.exp(-tau * abs(mean))
     return torch.tensor(out, dtype=torch.float64)
@@ -204,6 +212,49 @@ def test_gate_exactly_one_without_drift_and_token_sequence_controls():
     s = segment_scores(logp, logp_old, mask, sequence_segments(mask))
     torch.testing.assert_close(s[0].double(), torch.full((mask.shape[1],), d[0].mean().item(),
                                dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_abs_mean_gate_matches_reference(seed, tau):
+    logp, logp_old, mask = _random_batch(seed)
+    ids = torch.randint(0, 5, mask.shape, generator=torch.Generator().manual_seed(seed))
+    for seg in (block_segments(mask, 4), token_segments(mask), sequence_segments(mask),
+                newline_segments(ids, mask, [0], min_len=3, max_len=6)):
+        gate = drift_gate(logp, logp_old, mask, seg, tau=tau, statistic="abs_mean")
+        torch.testing.assert_close(gate.double(), _ref_gate(logp, logp_old, mask, seg, tau, "abs_mean"),
+                                   rtol=1e-6, atol=1e-6)
+        assert bool((gate[mask == 0] == 0).all()) and not gate.requires_grad
+    # every valid token of a block sees at least as small a gate as with the signed mean (|mean| <= mean |.|)
+    seg = block_segments(mask, 4)
+    signed = drift_gate(logp, logp_old, mask, seg, tau=tau)
+    absm = drift_gate(logp, logp_old, mask, seg, tau=tau, statistic="abs_mean")
+    assert bool((absm <= signed + 1e-7).all())
+
+
+def test_abs_mean_does_not_cancel_opposite_drifts():
+    """A block whose drifts cancel: the signed mean gives gate 1, the |δ| mean does not (§8)."""
+    logp_old = torch.zeros(1, 4)
+    logp = torch.tensor([[0.5, -0.5, 0.2, -0.2]])
+    mask = torch.ones(1, 4)
+    seg = block_segments(mask, 2)
+    assert torch.equal(drift_gate(logp, logp_old, mask, seg), torch.ones(1, 4))
+    expect = torch.tensor([[math.exp(-0.5)] * 2 + [math.exp(-0.2)] * 2], dtype=torch.float64)
+    torch.testing.assert_close(drift_gate(logp, logp_old, mask, seg, statistic="abs_mean").double(), expect,
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="signed_mean, abs_mean"):
+        drift_gate(logp, logp_old, mask, seg, statistic="median")
+
+
+def test_gate_normalization_registry():
+    """batch: the reduction's step-batch weighted denominator; sequence: per-row; none: neither (§8)."""
+    assert set(GATE_NORMALIZATIONS) == {"batch", "sequence", "none"}
+    assert GATE_NORMALIZATIONS["batch"].step_batch and not GATE_NORMALIZATIONS["batch"].per_sequence
+    assert GATE_NORMALIZATIONS["sequence"].per_sequence and not GATE_NORMALIZATIONS["sequence"].step_batch
+    none = GATE_NORMALIZATIONS["none"]
+    assert not none.per_sequence and not none.step_batch
+    with pytest.raises(ValueError, match="batch, sequence, none"):
+        get_gate_normalization("global")
 
 
 def test_partial_last_block_gate():

@@ -22,6 +22,8 @@ from opdkit.losses.divergences import (
 from opdkit.losses.lsm import topk_support_matching
 from opdkit.losses.masking import special_token_mask
 from opdkit.losses.opd import clip_fraction, opd_advantage, sampled_token_opd
+from opdkit.losses.registry import BASE_LOSSES, LossHParams, LossInputs
+from opdkit.losses.tis import tis_weight, truncated_is_opd
 
 B, T, V, K = 3, 7, 11, 5
 F64 = torch.float64
@@ -192,6 +194,80 @@ def test_opd_advantage_override_and_helpers():
     want = ((a_BT > 0) & (r_BT > 1.2)) | ((a_BT < 0) & (r_BT < 0.8))
     torch.testing.assert_close(cf_BT, (want & mask_BT.bool()).float())
     assert 0 < cf_BT.sum() < mask_BT.sum()
+
+
+# ------------------------------------------------------------------ §8 token-level truncated IS (opd_tis)
+def ref_tis(lp, lp_old, lq, cap, adv=None) -> torch.Tensor:
+    """Float64 reference of §8: value −min(r, C)·A, gradient −min(r, C)·A·∇lp (weight detached)."""
+    a = float(lq - lp_old) if adv is None else float(adv)
+    w = min(math.exp(float(lp.detach() - lp_old)), cap)
+    return -w * a * torch.exp(lp - lp.detach())
+
+
+@pytest.mark.parametrize("cap", [2.0, 1.2, 0.55])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_tis_matches_float64_reference_and_gradient(cap, dtype):
+    mask_BT = make_mask()
+    lp, lp_old, lq = opd_inputs(4, dtype)
+    lp = lp.requires_grad_()
+    loss_BT = truncated_is_opd(lp, lp_old, lq, mask_BT, cap=cap)
+    assert loss_BT.shape == (B, T) and loss_BT.dtype == dtype
+    loss_BT.sum().backward()
+    lp64 = lp.detach().to(F64).requires_grad_()
+    ref_BT = ref_per_position(lambda a, b_, c_: ref_tis(a, b_, c_, cap), mask_BT, lp64, lp_old.to(F64), lq.to(F64))
+    ref_BT.sum().backward()
+    # float32: lp − lp_old is rounded once (≤ eps32·(|lp| + |lp_old|) ≤ 8 eps32 absolute here, hence relative
+    # in exp), then exp and two products add ≤ 3 eps32 relative: 16 eps32 of the largest value bounds it.
+    eps = torch.finfo(dtype).eps
+    for got, want in ((loss_BT.detach().to(F64), ref_BT.detach()), (lp.grad.to(F64), lp64.grad)):
+        tol = 16 * eps * float(want.abs().max())
+        torch.testing.assert_close(got, want, atol=tol, rtol=16 * eps)
+    r = torch.exp((lp.detach() - lp_old).to(F64))
+    valid = mask_BT.bool()
+    assert (valid & (r > cap)).any() and (valid & (r < cap)).any()  # both sides of the truncation
+
+
+def test_tis_equals_opd_without_drift_and_handles_overrides_and_extremes():
+    mask_BT = make_mask()
+    _, lp_old, lq = opd_inputs(5)
+    lp_a = lp_old.clone().requires_grad_()
+    lp_b = lp_old.clone().requires_grad_()
+    tis_BT = truncated_is_opd(lp_a, lp_old, lq, mask_BT, cap=2.0)
+    opd_BT = sampled_token_opd(lp_b, lp_old, lq, mask_BT)
+    tis_BT.sum().backward()
+    opd_BT.sum().backward()
+    torch.testing.assert_close(tis_BT, opd_BT, atol=0, rtol=0)  # r = 1 exactly: both are −A
+    torch.testing.assert_close(lp_a.grad, lp_b.grad, atol=0, rtol=0)
+    # a given advantage replaces lq − lp_old, detached; the teacher may then be None
+    adv_BT = torch.randn(B, T, generator=gen(6)).requires_grad_()
+    lp, _, _ = opd_inputs(5)
+    out = truncated_is_opd(lp, lp_old, None, mask_BT, cap=2.0, advantage_BT=adv_BT)
+    ref = ref_per_position(lambda a, b_, c_: ref_tis(a, b_, None, 2.0, adv=c_), mask_BT, lp.to(F64),
+                           lp_old.to(F64), adv_BT.detach().to(F64))
+    torch.testing.assert_close(out.to(F64), ref, atol=1e-5, rtol=1e-5)
+    assert not out.requires_grad  # lp carries no gradient here, and the advantage is detached
+    # a huge ratio cannot overflow: the weight is exp(min(lp − lp_old, log C)) = C
+    lp_huge = torch.full((1, 2), -0.01, requires_grad=True)
+    far = torch.full((1, 2), -300.0)
+    w = tis_weight(lp_huge, far, torch.ones(1, 2), cap=2.0)
+    assert torch.equal(w, torch.full((1, 2), 2.0))
+    loss = truncated_is_opd(lp_huge, far, torch.zeros(1, 2), torch.ones(1, 2), cap=2.0)
+    (g,) = torch.autograd.grad(loss.sum(), lp_huge)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    with pytest.raises(ValueError, match="cap"):
+        tis_weight(lp, lp_old, mask_BT, cap=0.0)
+
+
+def test_opd_tis_is_registered_with_its_cap():
+    mask_BT = make_mask()
+    lp, lp_old, lq = opd_inputs(7)
+    spec = BASE_LOSSES["opd_tis"]
+    assert spec.uses_advantage and not spec.needs_support and BASE_LOSSES["opd"].uses_advantage
+    assert not BASE_LOSSES["lsm"].uses_advantage
+    x = LossInputs(mask_BT=mask_BT, logp_BT=lp, logp_old_BT=lp_old, logp_teacher_BT=lq)
+    torch.testing.assert_close(spec.fn(x, LossHParams(tis_cap=1.3)),
+                               truncated_is_opd(lp, lp_old, lq, mask_BT, cap=1.3), atol=0, rtol=0)
+    assert not torch.equal(spec.fn(x, LossHParams(tis_cap=1.3)), spec.fn(x, LossHParams(tis_cap=3.0)))
 
 
 def test_opd_weighted_mask_multiplies():
@@ -464,6 +540,7 @@ def test_masked_positions_are_exactly_zero_with_garbage_inputs():
     cases = [
         (lambda x: sampled_token_opd(x, _garbage(lp_old, mask_BT), _garbage(lq, mask_BT), mask_BT), lp),
         (lambda x: sampled_token_opd(x, lp_old, lq, mask_BT, advantage_BT=_garbage(lq, mask_BT)), lp),
+        (lambda x: truncated_is_opd(x, _garbage(lp_old, mask_BT), _garbage(lq, mask_BT), mask_BT), lp),
         (lambda x: topk_support_matching(x, _garbage(lq_BTK, mask_BT), mask_BT), ls_BTK),
         (lambda x: forward_kl(x, _garbage(zq_BTV, mask_BT), mask_BT), zs_BTV),
         (lambda x: reverse_kl(x, _garbage(zq_BTV, mask_BT), mask_BT), zs_BTV),
