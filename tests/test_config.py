@@ -1,5 +1,6 @@
 """Config loading, validation messages, overrides, the resolved plan and the paper configs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,39 @@ def test_overrides_are_typed_and_nested():
 def test_invalid_values_name_the_field_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_config(None, [override], need_models=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["gate.statistic=median"], "gate.statistic = 'median' is not valid; choose one of signed_mean, abs_mean"),
+    (["gate.normalize=global"], "choose one of batch, sequence, none"),
+    (["loss.tis_cap=0"], "loss.tis_cap = 0.0 must be > 0"),
+    (["loss.advantage=recompute", "loss.name=lsm"], "needs a loss that reads the advantage (loss.name: opd, opd_tis)"),
+    (["loss.advantage=sign_gated", "loss.name=jsd"], "needs a loss that reads the advantage"),
+    (["loss.advantage=sign_gated", "rollout.reward=none"], "sign_gated needs a rollout.reward verifier"),
+    (["gate.name=sequence", "gate.normalize=sequence"], "weights every token 1"),
+])
+def test_reuse_controls_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides, need_models=False)
+
+
+def test_reuse_controls_load_and_choices_come_from_the_registries():
+    """The §8 controls (opdkit extensions) load, are labelled so in their help, and derive their names."""
+    from opdkit.config import CHOICES, field_help
+    from opdkit.gates.drift import BLOCK_STATISTICS, GATE_NORMALIZATIONS
+    from opdkit.train.sg_opd import ADVANTAGES
+
+    cfg = load_config(None, ["loss.name=opd_tis", "loss.tis_cap=1.5", "loss.advantage=recompute",
+                             "gate.name=sequence", "gate.normalize=none", "gate.statistic=abs_mean"],
+                      need_models=False)
+    assert (cfg.loss.name, cfg.loss.tis_cap, cfg.loss.advantage) == ("opd_tis", 1.5, "recompute")
+    assert (cfg.gate.normalize, cfg.gate.statistic) == ("none", "abs_mean")
+    assert CHOICES["gate.normalize"] == tuple(GATE_NORMALIZATIONS)
+    assert CHOICES["gate.statistic"] == tuple(BLOCK_STATISTICS)
+    assert CHOICES["loss.advantage"] == tuple(ADVANTAGES) == ("plain", "sign_gated", "recompute")
+    helps = {name: text for name, _, text in field_help()}
+    for key in ("loss.tis_cap", "loss.advantage", "loss.name", "gate.normalize", "gate.statistic"):
+        assert "opdkit extension" in helps[key], key
 
 
 def test_models_and_data_are_required_for_a_real_run():

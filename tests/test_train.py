@@ -74,29 +74,40 @@ def _fixed_batch(tiny_models, cfg):
     return tok, score_with_teacher(t, batch, topk=4)
 
 
-@pytest.mark.parametrize("loss, gate", [("opd", "block"), ("lsm", "newline"), ("jsd", "none")])
-def test_update_does_not_depend_on_microbatch_size(tiny_models, tmp_path, loss, gate):
+def _drifted_update(tiny_models, batch, spec) -> tuple[list[torch.Tensor], dict]:
+    """One run_update on a perturbed copy of the student (so gates differ from 1); returns the gradients
+    the optimizer step receives (divided, clipped) and the update's metrics."""
+    torch.manual_seed(0)
+    model = load_model(tiny_models[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        [p.grad.detach().clone() for g in o.param_groups for p in g["params"] if p.grad is not None]))
+    m = run_update(model, opt, sched, batch, spec)
+    return seen[0], m
+
+
+# the reuse controls (§8, opdkit extensions) too: a recomputed advantage, TIS, raw and |δ|-mean gates
+@pytest.mark.parametrize("loss, gate, extra", [
+    ("opd", "block", ()), ("lsm", "newline", ()), ("jsd", "none", ()),
+    ("opd_tis", "block", ("gate.normalize=none", "gate.statistic=abs_mean", "loss.advantage=recompute")),
+    ("opd", "sequence", ("loss.advantage=recompute",)), ("opd", "block", ("gate.normalize=sequence",)),
+])
+def test_update_does_not_depend_on_microbatch_size(tiny_models, tmp_path, loss, gate, extra):
     cfg = _cfg(tiny_models, tmp_path, f"loss.name={loss}", f"gate.name={gate}", "gate.block_size=3",
-               "loss.reduction=seq-mean-token-mean")
+               "loss.reduction=seq-mean-token-mean", *extra)
     tok, batch = _fixed_batch(tiny_models, cfg)
     grads = []
     for mb in (8, 3, 1):
-        torch.manual_seed(0)
-        model = load_model(tiny_models[0])
-        # drift: perturb the current student so gates differ from 1
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-        seen = []  # the gradients the optimizer step receives (divided, clipped)
-        opt.register_step_pre_hook(lambda o, a, k, seen=seen: seen.append(
-            [p.grad.detach().clone() for g in o.param_groups for p in g["params"] if p.grad is not None]))
         spec = build_update_spec(cfg, tok, None)
         spec.microbatch_size = mb
-        m = run_update(model, opt, sched, batch, spec)
+        g, m = _drifted_update(tiny_models, batch, spec)
         assert m["gate_min"] < 0.999 or gate == "none"
-        grads.append(seen[0])
+        grads.append(g)
     # Tolerance: each gradient element is a float32 sum over the batch's N response tokens, grouped into
     # other micro-batches (other padding widths, other summation order); reordering moves a float32 sum
     # by at most about N * eps32 * max|term|, and the terms are bounded by the largest gradient element.
@@ -107,6 +118,70 @@ def test_update_does_not_depend_on_microbatch_size(tiny_models, tmp_path, loss, 
         assert len(other) == len(grads[0])
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, atol=atol, rtol=0.0)
+
+
+def _assert_grads_close(a_list, b_list, n_tokens):
+    """Float32 sums over ``n_tokens`` terms in another order: |error| <= n_tokens · eps32 · max|g|."""
+    g_max = max(float(g.abs().max()) for g in a_list)
+    atol = n_tokens * torch.finfo(torch.float32).eps * g_max
+    assert len(a_list) == len(b_list)
+    for a, b in zip(a_list, b_list):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0.0)
+
+
+def test_recomputed_advantage_is_teacher_minus_current_student(tiny_models, tmp_path):
+    """loss.advantage = recompute (§8, AsyncOPD): the loss reads A = sg(lq − lp_current) of the current
+    student; the whole update equals a plain update whose batch carries that advantage precomputed."""
+    from opdkit.rollout.scoring import response_logprobs
+
+    cfg = _cfg(tiny_models, tmp_path, "loss.advantage=recompute", "optim.max_grad_norm=0")
+    tok, batch = _fixed_batch(tiny_models, cfg)
+    spec = build_update_spec(cfg, tok, None)
+    seen = []
+    fn = spec.loss.fn
+    spec.loss = type(spec.loss)(lambda x, hp: seen.append(x.advantage_BT) or fn(x, hp), spec.loss.needs_support,
+                                spec.loss.doc, spec.loss.uses_advantage)
+    spec.microbatch_size = batch.size
+    g_recompute, _ = _drifted_update(tiny_models, batch, spec)
+    # the current student of that update (the same perturbation), in float64 for the reference
+    torch.manual_seed(0)
+    model = load_model(tiny_models[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        lp = response_logprobs(model, batch).logp_BT
+    mask = batch.response_mask_BT.bool()
+    want = torch.where(mask, batch.teacher_logp_BT.double() - lp.double(), 0.0)
+    (got,) = seen
+    assert not got.requires_grad
+    # both sides are float32 log-probs of the same forward; the difference is rounded once in float32
+    tol = 2 * torch.finfo(torch.float32).eps * float(want.abs().max())
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=0.0)
+    plain = torch.where(mask, batch.teacher_logp_BT - batch.logp_old_BT, 0.0).double()
+    assert float((got.double() - plain).abs().max()) > 1e-3  # the drift moved it: the test can fail
+    # the same update as a plain one whose batch carries lq − lp_current
+    cfg_plain = _cfg(tiny_models, tmp_path, "optim.max_grad_norm=0")
+    spec_plain = build_update_spec(cfg_plain, tok, None)
+    spec_plain.microbatch_size = 3
+    pre = batch.select(list(range(batch.size)))
+    pre.advantage_BT = want.float()
+    g_plain, _ = _drifted_update(tiny_models, pre, spec_plain)
+    _assert_grads_close(g_plain, g_recompute, float(batch.response_mask_BT.sum()))
+
+
+def test_unnormalised_gate_scales_the_batch_gate_update_by_the_mean_gate(tiny_models, tmp_path):
+    """gate.normalize = none (§8): token-mean Σ g·l / Σ m, i.e. the batch-normalised Σ g·l / Σ g times
+    the mean gate Σ g / Σ m (no gradient clipping, so the gradients compare exactly)."""
+    grads, metrics = {}, {}
+    for norm in ("batch", "none"):
+        cfg = _cfg(tiny_models, tmp_path, "gate.name=block", "gate.block_size=3", f"gate.normalize={norm}",
+                   "optim.max_grad_norm=0")
+        tok, batch = _fixed_batch(tiny_models, cfg)
+        grads[norm], metrics[norm] = _drifted_update(tiny_models, batch, build_update_spec(cfg, tok, None))
+    mean_gate = metrics["none"]["gate_mean"]
+    assert mean_gate < 0.999  # the gates fired, else none and batch would coincide
+    _assert_grads_close([g * mean_gate for g in grads["batch"]], grads["none"],
+                        float(batch.response_mask_BT.sum()))
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_models, tmp_path, monkeypatch):

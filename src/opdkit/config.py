@@ -249,6 +249,9 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
     if rows % cfg.train.minibatches_per_pass:
         raise ConfigError(f"train.minibatches_per_pass = {cfg.train.minibatches_per_pass} must divide the "
                           f"rollout batch of {rows} sequences (prompts_per_step x samples_per_prompt)")
+    if cfg.gate.name == "sequence" and cfg.gate.normalize == "sequence":
+        raise ConfigError("gate.name = sequence with gate.normalize = sequence weights every token 1 (one block "
+                          "per response, divided by its own mean): use gate.normalize = batch or none")
     if cfg.gate.newline_min_len > cfg.gate.newline_max_len:
         raise ConfigError("gate.newline_min_len must be <= gate.newline_max_len")
     if need_models:
