@@ -19,6 +19,32 @@ def test_presets_validate_as_trainer_configs():
     assert set(SIX) <= set(PRESETS["default"].variants)
 
 
+def test_reuse_preset_sits_between_default_and_fragile_and_runs_the_controls():
+    from opdkit.config import load_config
+
+    def cfg(preset, name="opd"):
+        return load_config(None, [*PRESETS[preset].train, *VARIANTS[name][1]], need_models=False)
+
+    d, r, f = cfg("default"), cfg("reuse"), cfg("fragile")
+    assert d.train.rollout_passes <= r.train.rollout_passes <= f.train.rollout_passes
+    assert d.optim.lr <= r.optim.lr < f.optim.lr
+    assert (r.train.rollout_passes, r.optim.lr) != (d.train.rollout_passes, d.optim.lr)  # more reuse
+    assert r.train.train_steps == d.train.train_steps  # the same budget of rollouts
+    assert PRESETS["reuse"].eval_problems >= 128  # a 3-seed table (issue #13 item 3)
+    got = {n: cfg("reuse", n) for n in PRESETS["reuse"].variants}
+    assert {"opd", "opd_block", "opd_newline"} <= set(got)
+    settings = {(c.loss.name, c.loss.advantage, c.gate.name, c.gate.normalize, c.gate.statistic)
+                for c in got.values()}
+    for want in [("opd", "recompute", "none", "batch", "signed_mean"), ("opd_tis", "plain", "none", "batch",
+                 "signed_mean"), ("opd", "plain", "sequence", "batch", "signed_mean"),
+                 ("opd", "plain", "block", "none", "signed_mean"), ("opd", "plain", "block", "batch", "abs_mean")]:
+        assert want in settings, want
+    for name, c in got.items():  # every option that is not the paper's is labelled so
+        paper = c.loss.name == "opd" and c.loss.advantage == "plain" and c.gate.name in ("none", "block", "newline") \
+            and c.gate.normalize == "batch" and c.gate.statistic == "signed_mean"
+        assert ("(opdkit ext.)" in VARIANTS[name][0]) == (not paper), name
+
+
 def test_collapse_is_half_the_base_mean(tmp_path):
     def run(name, mean):
         d = tmp_path / name

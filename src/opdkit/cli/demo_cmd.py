@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
                                    "synthetic benchmarks of increasing horizon, and write the report.")
     p.add_argument("action", nargs="?", default="run", choices=["run", "prepare"],
                    help="run (default) or prepare: rebuild the tiny teacher and student by SFT")
-    p.add_argument("--preset", default="default", help="default, quick, fragile")
+    from opdkit.demo.presets import PRESETS
+
+    p.add_argument("--preset", default="default", help=", ".join(PRESETS) + " (reuse: the rollout-reuse "
+                                                       "experiment with its controls, docs/extensions.md)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (a smoke run, ~3 minutes)")
     p.add_argument("--seeds", type=int, default=1, help="runs per variant (mean ± std, collapses counted)")
     p.add_argument("--jobs", type=int, default=2, help="jobs in parallel, one thread each")

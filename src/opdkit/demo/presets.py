@@ -5,6 +5,12 @@ differ. Block and newline sizes are scaled to the miniature: a solution line is 
 trace 131 tokens (the paper: Block-64 on responses of thousands of tokens), so Block uses 16 tokens
 (about 1.5 lines) and NewlineSpan merges spans under 8 tokens, splits spans over 32, and falls back to
 Block-16.
+
+The ``reuse`` preset reuses each rollout batch harder than the default (between the default and the
+``fragile`` blow-up) and runs OPD, OPD+Block16 and OPD+NewlineSpan against the controls of
+docs/methods.md §8 (see docs/extensions.md): the advantage recomputed under the current student,
+token-level truncated IS, a sequence-level gate, an un-normalised gate and a |δ|-mean gate. Variants
+that are not the paper's carry "(opdkit ext.)" in their label, so every table marks them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sg_opd": ("SG-OPD", ["loss.name=opd", "gate.name=none", "loss.advantage=sign_gated"]),
     "sg_opd_block": ("SG-OPD+Block16", ["loss.name=opd", "gate.name=block", "loss.advantage=sign_gated"]),
 }
+# the reuse controls (docs/methods.md §8): not the paper's, so labelled as opdkit extensions
+EXT = " (opdkit ext.)"
+CONTROLS: dict[str, tuple[str, list[str]]] = {
+    "opd_recompute": ("OPD+recomputed A" + EXT, ["loss.name=opd", "gate.name=none", "loss.advantage=recompute"]),
+    "opd_tis": ("OPD-TIS" + EXT, ["loss.name=opd_tis", "gate.name=none"]),
+    "opd_seq": ("OPD+Sequence" + EXT, ["loss.name=opd", "gate.name=sequence"]),
+    "opd_block_raw": ("OPD+Block16 unnormalised" + EXT, ["loss.name=opd", "gate.name=block", "gate.normalize=none"]),
+    "opd_block_abs": ("OPD+Block16 abs-mean" + EXT, ["loss.name=opd", "gate.name=block",
+                                                     "gate.statistic=abs_mean"]),
+}
+VARIANTS.update(CONTROLS)
 SIX = ["opd", "opd_block", "opd_newline", "lsm", "lsm_block", "lsm_newline"]
 
 
@@ -63,6 +80,13 @@ PRESETS: dict[str, Preset] = {
                     "optim.lr=5e-3"],
         variants=("opd", "opd_block", "opd_newline"), eval_problems=32,
         description="the fragile regime: lr 5e-3 (10x the default) and 4 passes per rollout batch"),
+    "reuse": Preset(
+        "reuse", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=40", "train.rollout_passes=4",
+                  "optim.lr=1e-3"],
+        variants=("opd", "opd_block", "opd_newline", *CONTROLS), eval_problems=128,
+        description="rollout reuse where drift matters: 4 passes per rollout batch and lr 1e-3 (2x the default's "
+                    "2 and 5e-4; fragile: 4 and 5e-3); OPD, OPD+Block16, OPD+NewlineSpan and the controls of "
+                    "docs/methods.md §8 (opdkit extensions)"),
 }
 
 
