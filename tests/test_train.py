@@ -47,6 +47,20 @@ def test_every_loss_and_gate_trains_end_to_end(tiny_models, tmp_path, loss, gate
     assert changed, "training did not change the weights"
 
 
+@pytest.mark.parametrize("extra", [
+    ("loss.name=opd_tis", "loss.advantage=recompute", "gate.name=block", "gate.normalize=none",
+     "gate.statistic=abs_mean"),
+    ("loss.name=opd_tis", "loss.advantage=sign_gated", "gate.name=sequence", "sg.phase_steps=0"),
+])
+def test_reuse_controls_train_end_to_end(tiny_models, tmp_path, extra):
+    cfg = _cfg(tiny_models, tmp_path, "gate.block_size=2", *extra)
+    train(cfg, print_fn=lambda *a: None)
+    updates = read_metrics(tmp_path / "metrics.jsonl", "update")
+    assert len(updates) == 2 and all(u["skipped"] == 0 for u in updates)
+    assert updates[0]["gate_min"] > 0.9999  # no drift in the first update: the raw / |δ| gates are 1 too
+    assert updates[1]["drift_abs_mean"] > 0 and all(torch.isfinite(torch.tensor(u["loss"])) for u in updates)
+
+
 def test_cli_train_writes_plan_config_metrics_and_model(tiny_models, tmp_path, capsys):
     student, teacher, data = tiny_models
     rc = main(["train", f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
