@@ -115,7 +115,8 @@ class SGConfig:
 
 @dataclass
 class GateConfig:
-    name: str = F("none", "drift gate segmentation: none, token, block, newline, sequence (§4)")
+    name: str = F("none", "drift gate segmentation: none, block, newline (§4), and the controls token (one "
+                          "block per token) and sequence (one block per response), opdkit extensions")
     block_size: int = F(64, "tokens per block for gate 'block'")
     tau: float = F(1.0, "gate temperature τ in exp(−τ|s_b|)")
     normalize: str = F("batch", "gate mean-normalization: batch (over the optimizer-step batch, §4), sequence "
