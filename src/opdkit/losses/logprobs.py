@@ -9,7 +9,9 @@ recomputes each chunk's logits instead of keeping them: peak extra memory is ``O
 instead of ``O(B * T * V)``, which is what makes V = 151,936 and T = 16k responses fit.
 
 Log-probs are at temperature ``temperature`` (1.0 for everything in docs/methods.md §0), computed in
-float32 whatever the model dtype.
+float32 whatever the model dtype: from bf16 hidden states / head (a bf16 teacher, or bf16 autocast) the
+product runs on bf16 operands but its result, the logits, is float32, so nothing is rounded to bf16
+before the log-softmax and the top-K. The backward runs under the forward's autocast state.
 """
 
 from __future__ import annotations
