@@ -169,3 +169,36 @@ def test_fused_under_cpu_autocast_forward_and_backward_match_float64():
     bound_w = 2 * U_BF16 * (dz.T @ h64.detach().abs())
     assert bool(((h.grad.double() - h64.grad).abs() <= bound_h).all()), (h.grad.double() - h64.grad).abs().max()
     assert bool(((W.grad.double() - W64.grad).abs() <= bound_w).all()), (W.grad.double() - W64.grad).abs().max()
+
+
+def test_bf16_teacher_scoring_is_float32_from_its_hidden_states(tiny_models):
+    """score_with_teacher on a bf16 teacher: log q and the top-K logits equal float64 on the teacher's own
+    bf16 hidden states and head, within the float32 bounds (not bf16-rounded logits)."""
+    from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+    from opdkit.rollout.scoring import decoder_and_head, response_hidden_states
+    from opdkit.rollout.teacher import score_with_teacher
+    from opdkit.runtime.models import load_model, load_tokenizer
+
+    student_dir, teacher_dir, _ = tiny_models
+    tok = load_tokenizer(student_dir)
+    teacher = load_model(teacher_dir, dtype=torch.bfloat16, device="cpu").eval()
+    with torch.no_grad():  # large logits, where bf16 rounding of them is visible
+        decoder_and_head(teacher)[1].mul_(8.0)
+    prompts = [tok(f"{i}+{i}=")["input_ids"] for i in range(3)]
+    batch = sample_rollouts(load_model(student_dir), prompts, SamplingParams(max_new_tokens=6),
+                            eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    scored = score_with_teacher(teacher, batch, topk=4, microbatch_size=8)
+    with torch.no_grad():
+        h = response_hidden_states(teacher, batch)  # the same single micro-batch, bf16
+    W = decoder_and_head(teacher)[1]
+    assert h.dtype == torch.bfloat16 and W.dtype == torch.bfloat16
+    mask = batch.response_mask_BT.bool()
+    h_NH, ids_N = h[mask], batch.response_ids_BT[mask]
+    z = h_NH.double() @ W.double().T
+    ref = z.gather(1, ids_N[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+    err = (scored.teacher_logp_BT[mask].double() - ref).abs()
+    assert bool((err <= _fp32_logp_bound(h_NH, W, ids_N, z)).all()), err.max()
+    e_max = _fp32_logit_bound(h_NH, W).max(-1, keepdim=True).values
+    top_err = (scored.teacher_topk_logits_BTK[mask].double() - z.topk(4, dim=-1).values).abs()
+    assert bool((top_err <= e_max).all()), top_err.max()
