@@ -4,6 +4,10 @@ Every process builds the same batch (seeded sampling) and the same drifted stude
 rows, and runs ``run_update`` with the accelerate world; rank 0 saves the gradients the optimizer step
 receives (summed over processes, divided by the global denominator, clipped) and the loss.
 
+With a last argument ``sft``, SG-OPD's NLL term on endorsed teacher responses is added (weight 0.5),
+and only rank 0 has any (rows 0-1 of the batch stand in for them): the other ranks have none, yet must
+join every collective, and the result must equal one process with the same endorsed responses.
+
 Gradients, not weights after the step: AdamW's first step is ``lr * g / (|g| + eps)``, which turns a
 float32-rounding difference in a near-zero gradient element into a weight difference of order ``lr``.
 """
@@ -25,7 +29,7 @@ from opdkit.train.update import run_update
 faulthandler.dump_traceback_later(240, exit=True)  # never hang CI
 
 
-def main(student_dir, teacher_dir, out, loss, gate, reduction):
+def main(student_dir, teacher_dir, out, loss, gate, reduction, sft=""):
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
     tok = load_tokenizer(student_dir)
@@ -55,12 +59,14 @@ def main(student_dir, teacher_dir, out, loss, gate, reduction):
 
     opt.register_step_pre_hook(capture)
     rows = list(range(batch.size))[acc.process_index::acc.num_processes]
-    metrics = run_update(student, opt, sched, batch.select(rows), spec, world=acc)
+    endorsed = batch.select([0, 1]) if sft == "sft" else None
+    metrics = run_update(student, opt, sched, batch.select(rows), spec, world=acc,
+                         sft_batch=endorsed if acc.is_main_process else None, sft_weight=0.5 if sft else 0.0)
     if acc.is_main_process:
-        tokens = float(batch.response_mask_BT.sum())
+        tokens = float(batch.response_mask_BT.sum()) + (float(endorsed.response_mask_BT.sum()) if sft else 0.0)
         save_file({**grads, "__loss__": torch.tensor([metrics["loss"]], dtype=torch.float64),
                    "__tokens__": torch.tensor([tokens])}, out)
-        print("loss", metrics["loss"], "gate_min", metrics["gate_min"])
+        print("loss", metrics["loss"], "gate_min", metrics["gate_min"], "teacher_nll", metrics["teacher_nll"])
 
 
 if __name__ == "__main__":

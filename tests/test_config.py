@@ -84,8 +84,27 @@ def test_plan_counts():
     assert plan["sequences_per_update"] == 16
     assert plan["microbatches_per_update_per_process"] == 3  # 8 per process, 3 per micro-batch
     assert plan["total_optimizer_updates"] == 800
-    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step = 4 does not divide over 3 processes"):
         check_world(cfg, 3)
+
+
+def test_plan_error_lists_the_prompts_per_step_that_work_for_the_process_count():
+    """The paper config (4 prompts x 8 samples) on 8 processes, as a `torchrun --nproc_per_node 8` would."""
+    cfg = load_config("paper/opd", need_models=False)
+    check_world(cfg, 4)  # 1 prompt (8 sequences) per process
+    with pytest.raises(ConfigError) as err:
+        check_world(cfg, 8)
+    msg = str(err.value)
+    assert "On 8 processes use rollout.prompts_per_step = 8, 16, 24, 32" in msg
+    assert "keep rollout.prompts_per_step = 4 and launch 1, 2 or 4 processes" in msg
+    for n in (8, 16, 24, 32):  # each value offered works
+        check_world(load_config("paper/opd", [f"rollout.prompts_per_step={n}"], need_models=False), 8)
+    # the minibatch split is part of it: 2 prompts x 2 samples on 2 processes = 2 sequences, not 4 updates
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+                             "train.minibatches_per_pass=4"], need_models=False)
+    with pytest.raises(ConfigError, match="minibatches_per_pass = 4 must divide the 2 sequences each of the 2 "
+                                          r"processes.*use rollout.prompts_per_step = 4, 8, 12, 16.*launch 1 process$"):
+        check_world(cfg, 2)
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])

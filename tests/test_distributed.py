@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("dist_update_worker.py")
 
 
-def _run(nproc, tiny_models, out, loss, gate, reduction):
+def _run(nproc, tiny_models, out, loss, gate, reduction, *extra):
     student, teacher, _ = tiny_models
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(WORKER), str(student), str(teacher), str(out), loss, gate, reduction]
+           str(WORKER), str(student), str(teacher), str(out), loss, gate, reduction, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return load_file(str(out)), res.stdout
@@ -37,8 +37,12 @@ def test_two_processes_equal_one(tiny_models, tmp_path, loss, gate, reduction):
     update) and N * eps32 relative on the loss. A real bug (a wrong denominator, a missing all-reduce,
     a row counted twice) changes the gradient by a factor, far outside this.
     """
-    one, _ = _run(1, tiny_models, tmp_path / "one.safetensors", loss, gate, reduction)
-    two, _ = _run(2, tiny_models, tmp_path / "two.safetensors", loss, gate, reduction)
+    _assert_same_update(tiny_models, tmp_path, loss, gate, reduction)
+
+
+def _assert_same_update(tiny_models, tmp_path, loss, gate, reduction, *extra):
+    one, _ = _run(1, tiny_models, tmp_path / "one.safetensors", loss, gate, reduction, *extra)
+    two, _ = _run(2, tiny_models, tmp_path / "two.safetensors", loss, gate, reduction, *extra)
     n_tokens = float(one.pop("__tokens__"))
     two.pop("__tokens__")
     loss1, loss2 = float(one.pop("__loss__")), float(two.pop("__loss__"))
@@ -50,6 +54,27 @@ def test_two_processes_equal_one(tiny_models, tmp_path, loss, gate, reduction):
     atol = n_tokens * EPS32 * g_max
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=atol, rtol=0.0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_sg_opd_rank_without_endorsed_teacher_sample_joins_every_collective(tiny_models, tmp_path):
+    """SG-OPD's NLL term when rank 1 has no endorsed teacher response: no hang (the worker exits after
+    240 s otherwise), and the same update as one process holding the same endorsed responses (same
+    tolerance as above; the token count includes the endorsed responses')."""
+    _assert_same_update(tiny_models, tmp_path, "opd", "block", "token-mean", "sft")
+
+
+@pytest.mark.slow
+def test_bucketed_gradient_all_reduce_equals_per_parameter(tmp_path):
+    """Two gloo processes: the flat-bucket all-reduce gives each gradient the per-parameter sum (float32
+    / float64 rounding of a two-term sum), fills a gradient missing on one rank, leaves None-everywhere
+    None (tests/dist_grad_sync_worker.py checks it on every rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(Path(__file__).with_name("dist_grad_sync_worker.py"))]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count(": ok") == 2
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
 from opdkit.runtime.prompts import CHAT_TEMPLATE_CHOICES, QWEN_MATH_TEMPLATE, chat_setting
 from opdkit.runtime.settings import ConfigError, F
 from opdkit.runtime.settings import field_help as _field_help
+from opdkit.train.behaviour import BEHAVIOUR_LOGPROBS
 from opdkit.train.sg_opd import ADVANTAGES
 
 __all__ = ["QWEN_MATH_TEMPLATE", "Config", "ConfigError", "F", "field_help", "load_config", "phase_steps",
@@ -164,6 +165,10 @@ class TrainConfig:
     divergence_zero_grad_updates: int = F(3, "updates in a row with a gradient norm of exactly 0 that count "
                                              "as a divergence; 0 disables this check")
     device: str = F("auto", "auto, cpu, cuda")
+    behaviour_logprobs: str = F("auto", "where the behaviour log-probs log π_old come from: recompute (one no-grad "
+                                        "training forward before the first pass, so the first update's drift is "
+                                        "exactly 0), sampler (recorded while sampling), auto (recompute on CUDA, "
+                                        "sampler on CPU); opdkit extension")
     threads: int = F(0, "torch CPU threads; 0 = torch's default")
     tensorboard: bool = F(False, "also log to TensorBoard (needs `tensorboard`)")
     wandb_project: str = F("", "also log to this W&B project (needs `wandb`)")
@@ -197,6 +202,7 @@ CHOICES = {
     "sg.baseline": ("group_mean", "none"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.device": DEVICE_CHOICES,
+    "train.behaviour_logprobs": tuple(BEHAVIOUR_LOGPROBS),
 }
 POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "loss.topk", "loss.tis_cap", "gate.block_size", "gate.newline_fallback",

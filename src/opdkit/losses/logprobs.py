@@ -9,7 +9,9 @@ recomputes each chunk's logits instead of keeping them: peak extra memory is ``O
 instead of ``O(B * T * V)``, which is what makes V = 151,936 and T = 16k responses fit.
 
 Log-probs are at temperature ``temperature`` (1.0 for everything in docs/methods.md §0), computed in
-float32 whatever the model dtype.
+float32 whatever the model dtype: from bf16 hidden states / head (a bf16 teacher, or bf16 autocast) the
+product runs on bf16 operands but its result, the logits, is float32, so nothing is rounded to bf16
+before the log-softmax and the top-K. The backward runs under the forward's autocast state.
 """
 
 from __future__ import annotations
@@ -44,27 +46,66 @@ def _chunk_stats(z_NV, ids_N, gather_ids_NK, topk):
     return logit_y_N - lse_N, lse_N, gathered_NK, top
 
 
-class _FusedLogprobs(torch.autograd.Function):
-    """logits = h W^T / temperature chunk by chunk; backward recomputes the chunk's logits.
+def _compute_dtype(device_type: str, *dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the LM-head product runs in: autocast's when it is on, else the promoted input dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
-    With ``z`` the logits of one position, ``y`` its target and ``S`` the gather ids:
-    ``logp = z_y − lse(z)``, ``gathered_k = z_{S_k}``, so
-    ``dL/dz = p·(g_lse − g_logp) + g_logp·onehot(y) + Σ_k g_gathered_k·onehot(S_k)``, ``p = softmax(z)``.
-    """
 
-    @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, ids_N, gather_ids_NK, topk, temperature, chunk_size):
-        N = hidden_NH.shape[0]
-        dev = hidden_NH.device
-        logp_N = torch.empty(N, dtype=torch.float32, device=dev)
-        lse_N = torch.empty(N, dtype=torch.float32, device=dev)
-        K = gather_ids_NK.shape[1] if gather_ids_NK is not None else 0
-        gathered_NK = torch.empty(N, K, dtype=torch.float32, device=dev)
-        top_ids = torch.empty(N, topk, dtype=torch.long, device=dev)
-        top_vals = torch.empty(N, topk, dtype=torch.float32, device=dev)
+# (device, dtype) -> whether torch.mm(a, b, out_dtype=torch.float32) works for inputs of that dtype there
+_MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build has a float32-output mm for ``dtype`` inputs on ``device`` (recent CUDA
+    builds have it; CPU builds have not). Probed once per (device, dtype) on a tiny product."""
+    key = (device, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, dtype=dtype, device=device)
+            _MM_OUT_DTYPE[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def _operand(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to the compute dtype, then float32 unless a float32-output mm exists (the products of
+    bf16 values are exact in float32, so both routes give float32 logits from the same rounded inputs)."""
+    x = x.to(cdt)
+    return x if cdt == torch.float32 or _mm_out_dtype_works(x.device, cdt) else x.float()
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` with a float32 result (``acc += a @ b`` when ``acc`` is given), operands from
+    :func:`_operand`: never rounds the logits to bf16 before the log-softmax."""
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    out = torch.mm(a, b, out_dtype=torch.float32)
+    return out if acc is None else acc.add_(out)
+
+
+def _fused_forward(ctx, hidden_NH, weight_VH, ids_N, gather_ids_NK, topk, temperature, chunk_size):
+    dev = hidden_NH.device
+    cdt = _compute_dtype(dev.type, hidden_NH.dtype, weight_VH.dtype)
+    N = hidden_NH.shape[0]
+    logp_N = torch.empty(N, dtype=torch.float32, device=dev)
+    lse_N = torch.empty(N, dtype=torch.float32, device=dev)
+    K = gather_ids_NK.shape[1] if gather_ids_NK is not None else 0
+    gathered_NK = torch.empty(N, K, dtype=torch.float32, device=dev)
+    top_ids = torch.empty(N, topk, dtype=torch.long, device=dev)
+    top_vals = torch.empty(N, topk, dtype=torch.float32, device=dev)
+    # Explicit casts, autocast off: the product runs in ``cdt`` but its result is float32 (autocast would
+    # round the logits to bf16, and the backward must recompute exactly the forward's logits).
+    with torch.autocast(dev.type, enabled=False):
+        w_HV = _operand(weight_VH, cdt).T
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
-            z = (hidden_NH[s:e] @ weight_VH.T).float()
+            z = _mm_f32(_operand(hidden_NH[s:e], cdt), w_HV)
             if temperature != 1.0:
                 z.div_(temperature)
             g_ids = gather_ids_NK[s:e] if K else None
@@ -75,26 +116,28 @@ class _FusedLogprobs(torch.autograd.Function):
             if topk:
                 top_vals[s:e], top_ids[s:e] = top.values, top.indices
             del z
-        ctx.save_for_backward(hidden_NH, weight_VH, ids_N, gather_ids_NK if K else None, lse_N)
-        ctx.temperature, ctx.chunk_size, ctx.K = temperature, chunk_size, K
-        ctx.mark_non_differentiable(top_ids, top_vals)
-        return logp_N, lse_N, gathered_NK, top_ids, top_vals
+    ctx.save_for_backward(hidden_NH, weight_VH, ids_N, gather_ids_NK if K else None, lse_N)
+    ctx.temperature, ctx.chunk_size, ctx.K, ctx.cdt = temperature, chunk_size, K, cdt
+    ctx.mark_non_differentiable(top_ids, top_vals)
+    return logp_N, lse_N, gathered_NK, top_ids, top_vals
 
-    @staticmethod
-    def backward(ctx, g_logp_N, g_lse_N, g_gathered_NK, _g_ids, _g_vals):
-        hidden_NH, weight_VH, ids_N, gather_ids_NK, lse_N = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        N = hidden_NH.shape[0]
-        zeros = torch.zeros(N, dtype=torch.float32, device=hidden_NH.device)
-        g_logp_N = zeros if g_logp_N is None else g_logp_N.float()
-        g_lse_N = zeros if g_lse_N is None else g_lse_N.float()
-        use_gather = ctx.K and g_gathered_NK is not None
-        grad_h = torch.empty_like(hidden_NH) if need_h else None
-        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+
+def _fused_backward(ctx, g_logp_N, g_lse_N, g_gathered_NK, _g_ids, _g_vals):
+    hidden_NH, weight_VH, ids_N, gather_ids_NK, lse_N = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    N, dev, cdt = hidden_NH.shape[0], hidden_NH.device, ctx.cdt
+    zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    g_logp_N = zeros if g_logp_N is None else g_logp_N.float()
+    g_lse_N = zeros if g_lse_N is None else g_lse_N.float()
+    use_gather = ctx.K and g_gathered_NK is not None
+    grad_h = torch.empty_like(hidden_NH) if need_h else None
+    grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+    with torch.autocast(dev.type, enabled=False):
+        w_VH = _operand(weight_VH, cdt)
         for s in range(0, N, ctx.chunk_size):
             e = min(s + ctx.chunk_size, N)
-            h = hidden_NH[s:e]
-            dz = (h @ weight_VH.T).float()
+            h = _operand(hidden_NH[s:e], cdt)
+            dz = _mm_f32(h, w_VH.T)  # the forward's logits, bit for bit (same operands, same product)
             if ctx.temperature != 1.0:
                 dz.div_(ctx.temperature)
             dz.sub_(lse_N[s:e, None]).exp_()  # softmax p, in place
@@ -104,15 +147,46 @@ class _FusedLogprobs(torch.autograd.Function):
                 dz.scatter_add_(1, gather_ids_NK[s:e], g_gathered_NK[s:e].float())
             if ctx.temperature != 1.0:
                 dz.div_(ctx.temperature)
-            dz_w = dz.to(weight_VH.dtype)
+            dz_c = _operand(dz, cdt)
             if need_h:
-                grad_h[s:e] = dz_w @ weight_VH
+                grad_h[s:e] = _mm_f32(dz_c, w_VH)
             if need_w:
-                grad_w.addmm_(dz.T, h.float())
-            del dz, dz_w
-        if need_w:
-            grad_w = grad_w.to(weight_VH.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+                _mm_f32(dz_c.T, h, acc=grad_w)
+            del dz, dz_c
+    if need_w:
+        grad_w = grad_w.to(weight_VH.dtype)
+    return grad_h, grad_w, None, None, None, None, None
+
+
+def _make_fused(device_type: str) -> type[torch.autograd.Function]:
+    """The fused autograd function for one device type. ``custom_fwd`` / ``custom_bwd`` run the backward
+    under the autocast state of the forward (not whatever is ambient when ``.backward()`` is called), so
+    the recomputed logits are the forward's and the compute dtype is the same in both."""
+
+    class _FusedLogprobs(torch.autograd.Function):
+        """logits = h W^T / temperature chunk by chunk; backward recomputes the chunk's logits.
+
+        With ``z`` the logits of one position, ``y`` its target and ``S`` the gather ids:
+        ``logp = z_y − lse(z)``, ``gathered_k = z_{S_k}``, so
+        ``dL/dz = p·(g_lse − g_logp) + g_logp·onehot(y) + Σ_k g_gathered_k·onehot(S_k)``, ``p = softmax(z)``.
+        ``z`` is float32 whatever the dtype of ``h`` and ``W``: the product runs in the compute dtype
+        (autocast's, else the inputs') with a float32 result, and the log-softmax is float32.
+        """
+
+        forward = staticmethod(torch.amp.custom_fwd(_fused_forward, device_type=device_type))
+        backward = staticmethod(torch.amp.custom_bwd(_fused_backward, device_type=device_type))
+
+    _FusedLogprobs.__qualname__ = f"_FusedLogprobs[{device_type}]"
+    return _FusedLogprobs
+
+
+_FUSED: dict[str, type[torch.autograd.Function]] = {}  # device type -> its fused autograd function
+
+
+def _fused_fn(device_type: str) -> type[torch.autograd.Function]:
+    if device_type not in _FUSED:
+        _FUSED[device_type] = _make_fused(device_type)
+    return _FUSED[device_type]
 
 
 def fused_logprobs(hidden_BTH: torch.Tensor, weight_VH: torch.Tensor, ids_BT: torch.Tensor, *,
@@ -139,7 +213,7 @@ def fused_logprobs(hidden_BTH: torch.Tensor, weight_VH: torch.Tensor, ids_BT: to
     if ids_BT.shape != (B, T):
         raise ValueError(f"ids_BT must be [B,T]=({B},{T}), got {tuple(ids_BT.shape)}")
     g = gather_ids_BTK.reshape(B * T, -1) if gather_ids_BTK is not None else None
-    logp, lse, gath, top_ids, top_vals = _FusedLogprobs.apply(
+    logp, lse, gath, top_ids, top_vals = _fused_fn(hidden_BTH.device.type).apply(
         hidden_BTH.reshape(B * T, H), weight_VH, ids_BT.reshape(-1).long(), g, int(topk),
         float(temperature), int(chunk_size))
     return LogprobOutput(

@@ -9,6 +9,9 @@ head in chunks (no ``[B,T,V]`` float32 tensor). It fills, as float32 on the batc
 - ``teacher_topk_ids_BTK`` / ``teacher_topk_logits_BTK``: the teacher's top-K support ``S_t`` and raw
   logits on it (LSM, §2.2; K = 32 in the paper).
 
+From a bf16 teacher the logits are float32 products of its bf16 hidden states and head (never rounded
+to bf16 before the log-softmax or the top-K; see :mod:`opdkit.losses.logprobs`).
+
 Padding positions hold 0 (ids 0). With ``vocab_limit`` the teacher distribution is restricted to the
 first ids, e.g. the value :func:`opdkit.rollout.preflight.check_tokenizers` returns when the teacher's
 embedding is padded beyond the student's.

@@ -32,17 +32,51 @@ def resolve_plan(cfg: Config, world_size: int = 1) -> dict:
     }
 
 
+def _splits(prompts: int, samples: int, minibatches: int, world_size: int) -> bool:
+    """Whether ``prompts`` prompts split into whole prompts per process, and each process's
+    ``prompts / world_size · samples`` sequences into ``minibatches`` equal updates."""
+    return prompts % world_size == 0 and (prompts // world_size * samples) % minibatches == 0
+
+
+def working_prompts_per_step(cfg: Config, world_size: int, count: int = 4) -> list[int]:
+    """The smallest ``count`` values of ``rollout.prompts_per_step`` that split over ``world_size``
+    processes (the other settings as in ``cfg``)."""
+    r, mb = cfg.rollout, cfg.train.minibatches_per_pass
+    return [p for p in range(world_size, world_size * mb * count + 1, world_size)
+            if _splits(p, r.samples_per_prompt, mb, world_size)][:count]
+
+
+def working_process_counts(cfg: Config) -> list[int]:
+    """The process counts over which ``cfg``'s rollout batch splits (divisors of ``prompts_per_step``)."""
+    r, mb = cfg.rollout, cfg.train.minibatches_per_pass
+    return [n for n in range(1, r.prompts_per_step + 1) if _splits(r.prompts_per_step, r.samples_per_prompt, mb, n)]
+
+
 def check_world(cfg: Config, world_size: int) -> None:
-    """The batch must split evenly over processes; raise with what to change."""
+    """The batch must split evenly over processes; raise with what to change.
+
+    Each process samples whole prompts (SG-OPD's verifier baseline is a mean over one prompt's group), so
+    ``prompts_per_step`` must be a multiple of the process count, and each process's sequences must split
+    into ``minibatches_per_pass`` equal updates."""
     from opdkit.config import ConfigError
 
-    if cfg.rollout.prompts_per_step % world_size:
-        raise ConfigError(f"rollout.prompts_per_step = {cfg.rollout.prompts_per_step} must be divisible by "
-                          f"the {world_size} processes")
-    per_proc = cfg.rollout.prompts_per_step // world_size * cfg.rollout.samples_per_prompt
-    if per_proc % cfg.train.minibatches_per_pass:
-        raise ConfigError(f"train.minibatches_per_pass = {cfg.train.minibatches_per_pass} must divide the "
-                          f"{per_proc} sequences each process samples per step")
+    r, t = cfg.rollout, cfg.train
+    if _splits(r.prompts_per_step, r.samples_per_prompt, t.minibatches_per_pass, world_size):
+        return
+    ok = ", ".join(map(str, working_prompts_per_step(cfg, world_size)))
+    counts = [str(n) for n in working_process_counts(cfg)]
+    procs = " or ".join([", ".join(counts[:-1]), counts[-1]] if len(counts) > 1 else counts)
+    keep = (f"; or keep rollout.prompts_per_step = {r.prompts_per_step} and launch {procs} "
+            f"process{'es' if counts != ['1'] else ''}" if counts
+            else "")
+    if r.prompts_per_step % world_size:
+        why = (f"rollout.prompts_per_step = {r.prompts_per_step} does not divide over {world_size} processes "
+               "(each process samples whole prompts)")
+    else:
+        per_proc = r.prompts_per_step // world_size * r.samples_per_prompt
+        why = (f"train.minibatches_per_pass = {t.minibatches_per_pass} must divide the {per_proc} sequences "
+               f"each of the {world_size} processes samples per step")
+    raise ConfigError(f"{why}. On {world_size} processes use rollout.prompts_per_step = {ok}, ...{keep}")
 
 
 def format_plan(plan: dict) -> str:

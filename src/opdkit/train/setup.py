@@ -25,6 +25,7 @@ from opdkit.rollout.sampler import SamplingParams
 from opdkit.runtime.gate import segment_params
 from opdkit.runtime.graders import reward_fn as get_reward
 from opdkit.runtime.models import auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
+from opdkit.train.behaviour import resolve_behaviour_logprobs
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import resolve_plan
 from opdkit.train.sg_opd import batch_advantage, update_advantage
@@ -53,6 +54,12 @@ def teacher_sample_seed(seed: int, step: int, rank: int) -> int:
     return TEACHER_SEED_OFFSET + (seed * PASS_SEED_MULT + step) * SAMPLER_SEED_MULT + rank
 
 
+def pass_order(seed: int, step: int, pass_idx: int, rows: int) -> list[int]:
+    """The shuffled row order of pass ``pass_idx`` over the rollout batch of ``step`` (``rows`` rows)."""
+    gen = torch.Generator().manual_seed(pass_order_seed(seed, step, pass_idx))
+    return torch.randperm(rows, generator=gen).tolist()
+
+
 @dataclass
 class Trainer:
     """The models, optimizer and resolved settings of one training run (or one benchmark)."""
@@ -78,6 +85,7 @@ class Trainer:
     world: int = 1
     bad_streak: int = 0
     update_idx: int = 0
+    recompute_logp_old: bool = False  # train.behaviour_logprobs resolved for the student's device
 
     @property
     def autocast(self):
@@ -184,4 +192,5 @@ def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None,
         generator=torch.Generator(device=device).manual_seed(sampler_seed(cfg.train.seed, rank)),
         vocab=vocab, monitor=DivergenceMonitor(factor=cfg.train.divergence_factor,
                                                zero_grad_updates=cfg.train.divergence_zero_grad_updates),
-        phase_steps=phase_steps(cfg), rank=rank, world=world)
+        phase_steps=phase_steps(cfg), rank=rank, world=world,
+        recompute_logp_old=resolve_behaviour_logprobs(cfg.train.behaviour_logprobs, device))

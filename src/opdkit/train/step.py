@@ -24,7 +24,8 @@ import torch
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.sampler import sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher
-from opdkit.train.setup import Trainer, pass_order_seed, teacher_sample_seed
+from opdkit.train.behaviour import recompute_behaviour_logprobs
+from opdkit.train.setup import Trainer, pass_order, teacher_sample_seed
 from opdkit.train.sg_opd import alpha_at, nll_share, teacher_phase
 from opdkit.train.update import run_update
 
@@ -43,6 +44,9 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     update (the trainer logs it and checks for divergence there)."""
     t0 = time.perf_counter()
     batch = sample(t, step, prompts)
+    behaviour = {}
+    if t.recompute_logp_old:
+        batch, behaviour = recompute_logp_old(t, step, batch)
     t1 = time.perf_counter()
     if t.reward_fn is not None:
         batch.rewards_B = torch.tensor(t.reward_fn(batch.decode(t.tok), batch.answers), dtype=torch.float32,
@@ -61,7 +65,7 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     upd = update_passes(t, step, batch, sft, alpha, on_update)
     t4 = time.perf_counter()
     times = {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2, "time/update": t4 - t3}
-    return step_record(t, step, batch, upd, times) | sg_rec
+    return step_record(t, step, batch, upd, times) | sg_rec | behaviour
 
 
 def sample(t: Trainer, step: int, prompts: StepPrompts) -> RolloutBatch:
@@ -71,6 +75,16 @@ def sample(t: Trainer, step: int, prompts: StepPrompts) -> RolloutBatch:
         return sample_rollouts(t.student, prompts.ids, t.sampling, eos_token_ids=t.eos_ids, pad_token_id=t.pad_id,
                                generator=t.generator, prompt_indices=prompts.indices,
                                group_offset=(step * t.world + t.rank) * len(prompts.ids), answers=prompts.answers)
+
+
+def recompute_logp_old(t: Trainer, step: int, batch: RolloutBatch) -> tuple[RolloutBatch, dict]:
+    """``train.behaviour_logprobs``: behaviour log-probs from the training forward, on the micro-batches of
+    the first pass, so that the first update's drift is exactly 0 (:mod:`opdkit.train.behaviour`)."""
+    order = pass_order(t.cfg.train.seed, step, 0, t.rows_per_process)
+    with t.autocast:
+        return recompute_behaviour_logprobs(t.student, batch, order, minibatches=t.cfg.train.minibatches_per_pass,
+                                            microbatch_size=t.spec.microbatch_size, chunk_size=t.spec.chunk_size,
+                                            vocab_limit=t.spec.vocab_limit)
 
 
 def endorsed_teacher_samples(t: Trainer, step: int, prompts: StepPrompts):
@@ -99,8 +113,7 @@ def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float,
     size = rows // k
     out = []
     for p in range(passes):
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(
-            pass_order_seed(t.cfg.train.seed, step, p))).tolist()
+        order = pass_order(t.cfg.train.seed, step, p, rows)
         for j in range(k):
             with t.autocast:
                 m = run_update(t.student, t.optimizer, t.scheduler, batch.select(order[j * size:(j + 1) * size]),
@@ -120,7 +133,10 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     sampled them, before this batch moved it (what "the student is getting closer to the teacher"
     means). ``drift_abs_mean`` and ``gate_std`` come from the last update: by then the batch has been
     reused the most, so that is the largest drift the gate saw. Gate min / max span all updates; ``gate_*``
-    are of the normalised gate that weights the loss, ``gate_raw_*`` of the raw gate (:mod:`opdkit.train.update`)."""
+    are of the normalised gate that weights the loss, ``gate_raw_*`` of the raw gate (:mod:`opdkit.train.update`).
+    ``drift_pass0`` is the mean |drift| of the first update, before any optimizer step on this batch: exactly
+    0 when the behaviour log-probs are recomputed (``train.behaviour_logprobs``), else the numerical
+    disagreement between the sampler and the training forward."""
     device = batch.response_ids_BT.device
     tokens = float(batch.num_tokens())
     solve = None
@@ -133,6 +149,7 @@ def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], tim
     wall = sum(times.values())
     return {"step": step, "loss": sum(u["loss"] for u in upd) / len(upd),
             "sampled_rkl": upd[0]["sampled_rkl"], "drift_abs_mean": upd[-1]["drift_abs_mean"],
+            "drift_pass0": upd[0]["drift_abs_mean"],
             "gate_min": min(u["gate_min"] for u in upd), "gate_max": max(u["gate_max"] for u in upd),
             "gate_std": upd[-1]["gate_std"], "gate_raw_min": min(u["gate_raw_min"] for u in upd),
             "gate_raw_max": max(u["gate_raw_max"] for u in upd), "gate_raw_std": upd[-1]["gate_raw_std"],

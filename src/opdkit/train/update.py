@@ -22,6 +22,7 @@ from opdkit.losses.reduction import loss_denominator, loss_numerator, reduction_
 from opdkit.losses.registry import LossHParams, LossInputs, LossSpec
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.scoring import response_logprobs
+from opdkit.train.grad_sync import all_reduce_grads
 
 
 @dataclass
@@ -108,22 +109,29 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
     return num, mask, gate, m
 
 
-def _nll_grads(model, sft: RolloutBatch, weight: float, spec: UpdateSpec, world) -> tuple[list, float]:
+def _nll_grads(model, sft: RolloutBatch | None, weight: float, spec: UpdateSpec, world) -> tuple[list | None, float]:
     """Gradients of ``weight ·`` token-mean NLL of ``sft`` responses (SG-OPD §5.2), summed over processes.
 
-    Returns (per-parameter gradients, NLL value). The token count is global, so the term, like the OPD
-    loss, does not depend on micro-batching or the number of processes.
+    Returns (per-parameter gradients, NLL value), or (None, 0.0) when no process has an endorsed
+    response. The token count is global, so the term, like the OPD loss, does not depend on
+    micro-batching or the number of processes. Every process calls it, with ``sft`` None or empty when
+    it has no endorsed response, and joins every collective (skipping them would hang the others).
     """
-    stats = _all_reduce(reduction_stats(sft.response_mask_BT).to(_device(model)), "sum", world).cpu()
+    has = sft is not None and sft.size > 0
+    local = reduction_stats(sft.response_mask_BT) if has else torch.zeros(3, dtype=torch.float64)
+    stats = _all_reduce(local.to(_device(model)), "sum", world).cpu()
+    if float(stats[0]) == 0:  # the same global count on every process: all of them return here
+        return None, 0.0
     den = float(loss_denominator(stats, "token-mean"))
     nll_sum = 0.0
-    for s in range(0, sft.size, spec.microbatch_size):
+    for s in range(0, sft.size if has else 0, spec.microbatch_size):
         micro = sft.select(list(range(s, min(s + spec.microbatch_size, sft.size))))
         logp = response_logprobs(model, micro, chunk_size=spec.chunk_size, vocab_limit=spec.vocab_limit).logp_BT
         num = -loss_numerator(logp, micro.response_mask_BT, "token-mean")
         (num * (weight / den)).backward()
         nll_sum += float(num.detach())
-    grads = [None if p.grad is None else _all_reduce(p.grad, "sum", world) for p in model.parameters()]
+    all_reduce_grads(model.parameters(), world)
+    grads = [p.grad for p in model.parameters()]
     nll = _all_reduce(torch.tensor(nll_sum, device=_device(model)), "sum", world).item() / den
     return grads, nll
 
@@ -140,7 +148,7 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sft_grads, nll = None, 0.0
-    if sft_batch is not None and sft_batch.size and sft_weight > 0:
+    if sft_weight > 0:  # the same on every process (a function of the step), so all take this branch
         sft_grads, nll = _nll_grads(model, sft_batch, sft_weight, spec, world)
         optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(3, dtype=torch.float64)
@@ -163,9 +171,9 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
     gmax = _all_reduce(gmax.to(_device(model)), "max", world).tolist()
     weighted = spec.segmenter is not None and get_gate_normalization(spec.gate_scope).step_batch
     den = loss_denominator(stats, spec.reduction, constant=spec.reduction_constant, weighted=weighted)
+    all_reduce_grads(model.parameters(), world)
     for p in model.parameters():
         if p.grad is not None:
-            p.grad = _all_reduce(p.grad, "sum", world)
             p.grad.div_(den.to(p.grad.device, p.grad.dtype))
     if sft_grads is not None:
         for p, g in zip(model.parameters(), sft_grads):

@@ -1,0 +1,76 @@
+"""Behaviour log-probs ``log π_old`` recomputed with the training forward (opdkit extension).
+
+The sampler records ``log π_old(y_t | c_t)`` while it decodes (docs/methods.md §0); the update recomputes
+``log π_θ`` with the training forward (another kernel path: full-sequence attention, float32 logits,
+on a GPU a bf16 decode cache against float32 master weights). Before the first optimizer step θ = θ_old,
+so the drift ``log π_θ − log π_old`` (§3, what the clip and the drift gate act on) should be exactly 0;
+whatever the two paths disagree by is numerical noise the gate would treat as real drift.
+
+:func:`recompute_behaviour_logprobs` replaces ``logp_old_BT`` by the training forward's values, computed
+on exactly the micro-batches of the first pass (same rows, same padding, same chunking), so the first
+update sees a drift of exactly 0. It costs one no-grad forward of the student over the rollout batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from opdkit.rollout.batch import RolloutBatch
+from opdkit.rollout.scoring import response_logprobs
+
+# train.behaviour_logprobs -> (device of the student) -> recompute? The valid names come from here.
+BEHAVIOUR_LOGPROBS: dict[str, Callable[[torch.device], bool]] = {
+    "auto": lambda device: device.type == "cuda",  # the GPU sampler's bf16 path differs from the update
+    "recompute": lambda device: True,
+    "sampler": lambda device: False,
+}
+
+
+def resolve_behaviour_logprobs(name: str, device: torch.device) -> bool:
+    """Whether ``train.behaviour_logprobs = name`` recomputes ``log π_old`` for a student on ``device``."""
+    try:
+        return BEHAVIOUR_LOGPROBS[name](torch.device(device))
+    except KeyError:
+        raise ValueError(f"unknown train.behaviour_logprobs {name!r}; valid: {', '.join(BEHAVIOUR_LOGPROBS)}") \
+            from None
+
+
+def recompute_behaviour_logprobs(model, batch: RolloutBatch, order: list[int], *, minibatches: int,
+                                 microbatch_size: int, chunk_size: int, vocab_limit: int | None,
+                                 ) -> tuple[RolloutBatch, dict]:
+    """``batch`` with ``logp_old_BT`` from the training forward, and ``{"behaviour_logp_abs_diff": ...}``
+    (mean over response tokens of ``|log π_sampler − log π_train|``: how far the sampler was off).
+
+    ``order``: the row order of the first pass; rows ``order[j·S:(j+1)·S]`` (``S = B / minibatches``)
+    form update ``j``, cut into micro-batches of ``microbatch_size`` rows, as
+    :func:`opdkit.train.update.run_update` does. Padding positions keep their values. Run it under the
+    same autocast as the update; the model's train / eval mode is that of the update (train), restored.
+    """
+    size = batch.size // minibatches
+    logp_BT = batch.logp_old_BT.clone()
+    was_training = model.training
+    model.train()  # the update's mode (dropout is 0 in the models opdkit trains; the mode must match)
+    try:
+        with torch.no_grad():
+            for j in range(minibatches):
+                mini_rows = order[j * size:(j + 1) * size]
+                mini = batch.select(mini_rows)
+                for s in range(0, mini.size, microbatch_size):
+                    rows = list(range(s, min(s + microbatch_size, mini.size)))
+                    micro = mini.select(rows)
+                    t = micro.response_ids_BT.shape[1]
+                    if t == 0:
+                        continue
+                    out = response_logprobs(model, micro, chunk_size=chunk_size, vocab_limit=vocab_limit)
+                    idx = torch.as_tensor([mini_rows[r] for r in rows], device=logp_BT.device)
+                    keep = micro.response_mask_BT.bool().to(logp_BT.device)
+                    logp_BT[idx, :t] = torch.where(keep, out.logp_BT.to(logp_BT.device), logp_BT[idx, :t])
+    finally:
+        model.train(was_training)
+    mask = batch.response_mask_BT.bool()
+    diff = (logp_BT - batch.logp_old_BT).abs()[mask]
+    rec = {"behaviour_logp_abs_diff": float(diff.double().mean()) if diff.numel() else 0.0}
+    return replace(batch, logp_old_BT=logp_BT), rec
