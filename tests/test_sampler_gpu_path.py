@@ -165,3 +165,29 @@ def test_lean_step_checked_and_fallback_on_disagreement(monkeypatch):
         fallback = _sample(broken, p)
     _same(fallback, generic)
     _same(good, generic)
+
+
+def test_no_per_token_weight_casts():
+    """Under bf16 autocast a float32 model is cast once per call (its sampling copy), not once per token:
+    a warm call converts no weight-shaped tensor (2-D, >= 16 rows; the decode activations have 8 rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _model()
+    p = SamplingParams(max_new_tokens=12, samples_per_prompt=2)  # 8 rows
+
+    class CountCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            x = args[0]
+            if (func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and x.dim() == 2
+                    and x.shape[0] >= 16 and out.dtype != x.dtype):
+                CountCasts.n += 1
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _sample(model, p)  # builds the bf16 copy
+        with CountCasts():
+            _sample(model, p)
+    assert CountCasts.n == 0
