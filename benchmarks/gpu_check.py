@@ -116,15 +116,15 @@ def run(args) -> dict:
     steps = []
     for i in range(args.steps):
         prompts = torch.randint(3, V, (args.prompts, args.prompt_tokens), generator=g).tolist()
-        first = []
+        updates = []
         _sync(device)
-        rec = rollout_step(t, i, StepPrompts(prompts), on_update=lambda m: first.append(m) if not first else None)
+        rec = rollout_step(t, i, StepPrompts(prompts), on_update=updates.append)
         _sync(device)
         s, te, u = rec["time/sample"], rec["time/teacher"], rec["time/update"]
         row = {"step": i, "sample_s": s, "teacher_s": te, "update_s": u,
                "sample_tokens_per_s": rec["generated_tokens"] / s, "generated_tokens": rec["generated_tokens"],
                "update_mfu": flops / u / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
-               "pass0_drift": float(first[0]["drift_abs_mean"]), "loss": float(rec["loss"])}
+               "pass0_drift": float(updates[0]["drift_abs_mean"]), "loss": float(rec["loss"])}
         steps.append(row)
         mfu = "n/a" if row["update_mfu"] is None else f"{row['update_mfu']:.1%}"
         print(f"step {i}: sample {s:.2f} s ({row['sample_tokens_per_s']:,.0f} tokens/s), teacher {te:.2f} s, "
@@ -133,7 +133,8 @@ def run(args) -> dict:
     med = statistics.median
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-           "tiny": args.tiny, "student_params": n_params, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+           "tiny": args.tiny, "student_params": n_params,
+           "teacher_params": sum(p.numel() for p in teacher.parameters()),
            "rows": rows, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "build_s": build_s,
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "sample_tokens_per_s": med(r["sample_tokens_per_s"] for r in timed),
