@@ -82,6 +82,12 @@ def update_flops(spec: TinyQwen3Spec, n_params: int, rows: int, seq_len: int) ->
     return 6.0 * n_params * rows * seq_len + 6.0 * spec.num_layers * spec.num_heads * spec.head_dim * rows * seq_len**2
 
 
+def _lean_verdicts():
+    from opdkit.rollout.decode_steps import _LEAN_VERDICTS
+
+    return list(_LEAN_VERDICTS.values())
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,7 +147,9 @@ def run(args) -> dict:
            "sample_s": med(r["sample_s"] for r in timed), "teacher_s": med(r["teacher_s"] for r in timed),
            "update_s": med(r["update_s"] for r in timed),
            "update_mfu": med(r["update_mfu"] for r in timed) if device.type == "cuda" else None,
-           "pass0_drift_max": max(r["pass0_drift"] for r in steps), "steps": steps}
+           "pass0_drift_max": max(r["pass0_drift"] for r in steps),
+           # the hand-written decode step's check against the model's own forward, per (dtype, small)
+           "lean_step_checks": [{str(k[0]): ok for k, ok in v.items()} for v in _lean_verdicts()], "steps": steps}
     if res["peak_mem_gb"] is not None:
         print(f"peak memory {res['peak_mem_gb']:.1f} GB (torch.cuda.max_memory_allocated)")
     print(json.dumps(res))

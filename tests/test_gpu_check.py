@@ -20,5 +20,6 @@ def test_gpu_check_tiny_cpu(capsys):
     for key in ("sample_tokens_per_s", "sample_s", "teacher_s", "update_s", "pass0_drift_max"):
         assert res[key] >= 0
     assert res["pass0_drift_max"] < 1e-3  # float32 on CPU: sampler and update agree to rounding
+    assert {"torch.float32": True} in res["lean_step_checks"]  # the lean step passed its check
     # the paper-like shapes are the real Qwen3 ones (parameter counts of Qwen3-1.7B / 4B, tied embeddings)
     assert mod.STUDENT.hidden_size == 2048 and mod.STUDENT.num_layers == 28 and mod.TEACHER.num_layers == 36

@@ -191,3 +191,12 @@ def test_no_per_token_weight_casts():
         with CountCasts():
             _sample(model, p)
     assert CountCasts.n == 0
+
+
+def test_gradient_checkpointing_keeps_the_lean_step():
+    """The trainer's gradient checkpointing adds an embedding hook; the lean step still applies."""
+    model = _model(2)
+    model.gradient_checkpointing_enable()
+    assert decode_steps.lean_supported(model.config, model.get_decoder(), "preallocated")
+    model.get_decoder().layers[0].register_forward_hook(lambda *a: None)  # any other hook: the model's forward
+    assert not decode_steps.lean_supported(model.config, model.get_decoder(), "preallocated")

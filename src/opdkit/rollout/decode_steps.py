@@ -133,9 +133,17 @@ def lean_supported(config, decoder, kv_cache: str) -> bool:
             and getattr(text, "hidden_act", None) == "silu" and "dynamic" not in rope and rope != "longrope"
             and all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))):
         return False
-    # Plain Linear layers only (no LoRA / quantized wrappers) and no hooks (e.g. accelerate offloading).
+    # Plain Linear layers only (no LoRA / quantized wrappers) and no hooks (e.g. accelerate offloading)
+    # except the one gradient checkpointing adds to make embedding outputs require grad (moot here).
+    def hooked(m):
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        return hasattr(m, "_hf_hook") or any(getattr(h, "__name__", "") not in _HARMLESS_HOOKS for h in hooks)
+
     return all(type(m) is torch.nn.Linear for name, m in decoder.named_modules() if name.endswith("_proj")) \
-        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in decoder.modules())
+        and not any(hooked(m) for m in decoder.modules())
+
+
+_HARMLESS_HOOKS = ("make_inputs_require_grads",)
 
 
 class LeanStep(DecodeStep):
