@@ -200,3 +200,21 @@ def test_gradient_checkpointing_keeps_the_lean_step():
     assert decode_steps.lean_supported(model.config, model.get_decoder(), "preallocated")
     model.get_decoder().layers[0].register_forward_hook(lambda *a: None)  # any other hook: the model's forward
     assert not decode_steps.lean_supported(model.config, model.get_decoder(), "preallocated")
+
+
+def test_top_p_filter_skips_a_failing_prefilter_with_the_same_thresholds(monkeypatch):
+    """After a full-sort fallback the stateful filter sorts directly for a while: same thresholds."""
+    calls = []
+    real = token_sampling._filter_threshold
+    monkeypatch.setattr(token_sampling, "_filter_threshold", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    f = token_sampling.TopPFilter(retry_every=4)
+    for step in range(12):
+        z = torch.randn(6, 1000, generator=g) * (0.05 if 3 <= step < 8 else 6.0)  # flat steps 3..7
+        torch.testing.assert_close(f(z, 0, 0.9), _reference_threshold(z, 0.9), rtol=0, atol=0)
+    assert len(calls) == 6  # prefilter at steps 0-3, 7, 11; 4-6 and 8-10 sorted directly after a fallback
+
+
+def _reference_threshold(z, top_p):
+    keep = _reference_keep(z, 0, top_p)
+    return z.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values

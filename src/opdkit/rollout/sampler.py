@@ -42,7 +42,7 @@ from opdkit.rollout import decode_steps
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.decode_steps import KV_CACHES, kv_bytes_per_token, make_cache, prefill
 from opdkit.rollout.scoring import decoder_and_head
-from opdkit.rollout.token_sampling import row_uniforms, sample_next
+from opdkit.rollout.token_sampling import TopPFilter, row_uniforms, sample_next
 
 __all__ = ["KV_CACHES", "SamplingParams", "sample_rollouts"]
 
@@ -265,11 +265,12 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
     logp_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
     alive_BN, ended_B = torch.zeros((B, N), dtype=torch.bool, device=device), torch.zeros_like(rows_B, dtype=torch.bool)
     act_A, done_A = torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    u_BN, top_p_filter = row_uniforms(seed, rows_B, torch.arange(N, device=device)), TopPFilter()
     bar = tqdm(total=N, desc=f"sampling {B} rows", unit="step", leave=False) if progress else None
     for t in range(N):
         logits_AV = h_AH.float() @ W_HV
-        tok_A = sample_next(logits_AV, params.temperature, params.top_k, params.top_p,
-                            row_uniforms(seed, rows_B[act_A], t), eos_E if t < params.min_new_tokens else None)
+        tok_A = sample_next(logits_AV, params.temperature, params.top_k, params.top_p, u_BN[act_A, t:t + 1],
+                            eos_E if t < params.min_new_tokens else None, top_p_filter)
         tok_A = tok_A.masked_fill_(done_A, pad_token_id)
         logp_A = torch.log_softmax(logits_AV, dim=-1).gather(1, tok_A[:, None]).squeeze(1)
         tok_BN[act_A, t], logp_BN[act_A, t], alive_BN[act_A, t] = tok_A, logp_A.masked_fill_(done_A, 0.0), ~done_A

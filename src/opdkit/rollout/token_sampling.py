@@ -8,7 +8,8 @@ cache budget) or dropping finished rows from the active batch gives the same tok
 Top-p needs the descending order of the probabilities only down to the nucleus boundary: a top-k
 prefilter of :data:`TOP_P_PREFILTER` values decides the threshold exactly whenever the nucleus ends
 inside it (the mass of the prefilter's more likely tokens reaches ``top_p``); rows whose nucleus is
-wider fall back to a full sort (one host sync per step to find out).
+wider fall back to a full sort (one host sync per step to find out; :class:`TopPFilter` stops trying
+the prefilter for a while after it failed).
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def row_uniforms(seed: int, rows_B: torch.Tensor, t: int) -> torch.Tensor:
-    """Uniforms ``u_B1`` in (0, 1] (float32, 24-bit grid) for rows ``rows_B`` (int64 ids) at step ``t``.
+def row_uniforms(seed: int, rows_B: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1] (float32, 24-bit grid) for rows ``rows_B`` (int64 ids) at step(s) ``t``.
 
     ``u = (h(seed, r, t) >> 8 + 1) · 2^-24`` with ``h`` a chain of :func:`_mix32` over the low and high
-    32 bits of ``seed``, the row id and the step: a pure function of ``(seed, r, t)``.
+    32 bits of ``seed``, the row id and the step: a pure function of ``(seed, r, t)``. With an int ``t``
+    the result is ``u_B1``; with a step tensor ``t_N`` it is the table ``u_BN``.
     """
     lo, hi = seed & _M32, (seed >> 32) & _M32
-    x = _mix32((rows_B + lo) & _M32)
-    x = _mix32(((x ^ hi) + t * 0x9E3779B1) & _M32)  # t < 2**20 steps: the product stays below 2**52
+    x_B1 = _mix32((rows_B + lo) & _M32)[:, None] ^ hi
+    t_1N = torch.as_tensor(t, dtype=torch.long, device=rows_B.device).reshape(1, -1)
+    x = _mix32((x_B1 + t_1N * 0x9E3779B1) & _M32)  # t < 2**20 steps: the product stays below 2**52
     x = _mix32(x ^ lo)
-    return (((x >> 8) + 1).to(torch.float32) * 2.0 ** -24)[:, None]
+    return ((x >> 8) + 1).to(torch.float32) * 2.0 ** -24
 
 
 def _sorted_desc(z_BV: torch.Tensor) -> torch.Tensor:
@@ -63,6 +66,28 @@ def _nucleus_threshold(vals_BK: torch.Tensor, lse_B1: torch.Tensor, top_p: float
     return vals_BK.gather(1, n_B1 - 1), n_B1.squeeze(1) < vals_BK.shape[1]
 
 
+class TopPFilter:
+    """:func:`filter_threshold` with the prefilter switched off while it keeps failing.
+
+    Flat distributions (a random model, a high temperature) have nuclei wider than the prefilter at
+    every step; then the prefilter is pure overhead (and a host sync on a GPU). After a step that needed
+    the full sort, the next ``retry_every − 1`` steps sort directly; then the prefilter is tried again.
+    Either way the threshold is the exact one.
+    """
+
+    def __init__(self, retry_every: int = 16):
+        self.retry_every, self.skip = retry_every, 0
+
+    def __call__(self, z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
+        if self.skip and 0 < top_p < 1.0 and not 0 < top_k < z_BV.shape[1]:
+            self.skip -= 1
+            lse_B1 = z_BV.logsumexp(dim=-1, keepdim=True)
+            return _nucleus_threshold(_sorted_desc(z_BV), lse_B1, top_p)[0]
+        thresh_B1, fell_back = _filter_threshold(z_BV, top_k, top_p)
+        self.skip = self.retry_every - 1 if fell_back else 0
+        return thresh_B1
+
+
 def filter_threshold(z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
     """Per-row logit threshold ``thresh_B1`` of top-k then top-p (keep ``z >= thresh``), or None (no filter).
 
@@ -70,34 +95,38 @@ def filter_threshold(z_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     more likely tokens hold < ``top_p`` (it drops the least likely tail of mass <= 1 − top_p, as
     transformers' ``TopPLogitsWarper``); exact ties at a threshold are kept together.
     """
+    return _filter_threshold(z_BV, top_k, top_p)[0]
+
+
+def _filter_threshold(z_BV: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, bool]:
+    """(:func:`filter_threshold`, whether some row needed the full-sort fallback)."""
     V = z_BV.shape[1]
     top_k = top_k if 0 < top_k < V else 0
     if top_p >= 1.0:
-        return z_BV.topk(top_k, dim=-1).values[:, -1:] if top_k else None
+        return (z_BV.topk(top_k, dim=-1).values[:, -1:] if top_k else None), False
     K = top_k or min(V, TOP_P_PREFILTER)
     vals_BK = z_BV.topk(K, dim=-1).values  # sorted descending
     # top-k renormalises over its K values; otherwise the mass is over the whole vocabulary
     lse_B1 = (vals_BK if top_k else z_BV).logsumexp(dim=-1, keepdim=True)
     thresh_B1, exact_B = _nucleus_threshold(vals_BK, lse_B1, top_p)
-    if top_k or K == V:
-        return thresh_B1
-    if not bool(exact_B.all()):  # a nucleus wider than the prefilter: full sort for those rows
-        full_B1, _ = _nucleus_threshold(_sorted_desc(z_BV), lse_B1, top_p)
-        thresh_B1 = torch.where(exact_B[:, None], thresh_B1, full_B1)
-    return thresh_B1
+    if top_k or K == V or bool(exact_B.all()):
+        return thresh_B1, False
+    full_B1, _ = _nucleus_threshold(_sorted_desc(z_BV), lse_B1, top_p)  # nuclei wider than the prefilter
+    return torch.where(exact_B[:, None], thresh_B1, full_B1), True
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, u_B1: torch.Tensor,
-                eos_E: torch.Tensor | None) -> torch.Tensor:
+                eos_E: torch.Tensor | None, top_p_filter: TopPFilter | None = None) -> torch.Tensor:
     """One token per row ``[B]`` from temperature → (EOS suppression) → top-k → top-p filtered logits.
 
     Inverse CDF over the filtered distribution: the first ``v`` with ``cumsum(p)_v >= u · Σp`` for
     ``u_B1`` in (0, 1] (:func:`row_uniforms`), so a token of probability 0 can never be drawn.
+    ``top_p_filter``: a :class:`TopPFilter` kept over the steps of one decode loop (same thresholds).
     """
     z_BV = logits_BV / temperature if temperature != 1.0 else logits_BV
     if eos_E is not None:
         z_BV = z_BV.index_fill(1, eos_E, float("-inf"))
-    thresh_B1 = filter_threshold(z_BV, top_k, top_p)
+    thresh_B1 = (top_p_filter or filter_threshold)(z_BV, top_k, top_p)
     if thresh_B1 is not None:
         z_BV = z_BV.masked_fill(z_BV < thresh_B1, float("-inf"))
     cum_BV = torch.softmax(z_BV, dim=-1).cumsum_(dim=-1)
