@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from opdkit.rollout import sampler
+from opdkit.rollout import decode_steps
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.scoring import response_logprobs
 from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
@@ -84,13 +84,13 @@ def main() -> None:
 
     def ours(kv_cache, lean=True):
         def run():
-            saved = sampler._LEAN_MODEL_TYPES
-            sampler._LEAN_MODEL_TYPES = saved if lean else ()
+            saved = decode_steps.LEAN_MODEL_TYPES
+            decode_steps.LEAN_MODEL_TYPES = saved if lean else ()
             try:
                 b = sample_rollouts(model, prompts, params, eos_token_ids=[EOS], pad_token_id=PAD,
                                     generator=torch.Generator().manual_seed(1), kv_cache=kv_cache)
             finally:
-                sampler._LEAN_MODEL_TYPES = saved
+                decode_steps.LEAN_MODEL_TYPES = saved
             assert b.response_ids_BT.shape[1] == NEW_TOKENS
         return run
 

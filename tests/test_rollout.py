@@ -59,7 +59,8 @@ def _assert_batches_equal(a: RolloutBatch, b: RolloutBatch):
 @pytest.mark.parametrize("field,value", [("temperature", 0.0), ("temperature", float("nan")), ("top_p", 0.0),
                                          ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
                                          ("min_new_tokens", -1), ("min_new_tokens", 600),
-                                         ("samples_per_prompt", 0), ("top_k", 2.5)])
+                                         ("samples_per_prompt", 0), ("top_k", 2.5), ("max_cache_gb", -1.0),
+                                         ("max_cache_gb", float("inf"))])
 def test_sampling_params_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -71,7 +72,7 @@ def test_sampling_params_validation_names_field(field, value):
                                              (SamplingParams(temperature=2.0, top_k=3, top_p=0.95), False),
                                              (SamplingParams(top_p=1.0), True)])
 def test_sample_next_matches_filtered_distribution(params, suppress):
-    from opdkit.rollout.sampler import _sample_next
+    from opdkit.rollout.token_sampling import row_uniforms, sample_next
 
     logits_V = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
     z = logits_V / params.temperature
@@ -86,8 +87,8 @@ def test_sample_next_matches_filtered_distribution(params, suppress):
         keep &= torch.tensor([p_kept[p_kept > p_kept[v]].sum() < params.top_p for v in range(8)])
     expected = torch.where(keep, p, 0.0) / torch.where(keep, p, 0.0).sum()
     n = 40_000
-    tok = _sample_next(logits_V.expand(n, 8).clone(), params, torch.Generator().manual_seed(0),
-                       torch.tensor([1]) if suppress else None)
+    tok = sample_next(logits_V.expand(n, 8).clone(), params.temperature, params.top_k, params.top_p,
+                      row_uniforms(12345, torch.arange(n), 3), torch.tensor([1]) if suppress else None)
     freq = torch.bincount(tok, minlength=8).double() / n
     assert (freq[~keep] == 0).all()
     torch.testing.assert_close(freq, expected.double(), atol=0.01, rtol=0)
@@ -211,14 +212,14 @@ def _llama_like(kind: str):
 @pytest.mark.parametrize("small", [True, False])
 def test_lean_step_equals_transformers_forward(student, monkeypatch, arch, small):
     """The lean decode step (fused / unfused weights) samples what the model's own forward samples."""
-    from opdkit.rollout import sampler
+    from opdkit.rollout import decode_steps
 
     model = student if arch == "qwen3" else _llama_like(arch)
     params = SamplingParams(max_new_tokens=10, samples_per_prompt=2)
     if not small:
-        monkeypatch.setattr(sampler, "SMALL_MODEL_PARAMS", 0)
+        monkeypatch.setattr(decode_steps, "SMALL_MODEL_PARAMS", 0)
     lean = _sample(model, params)
-    monkeypatch.setattr(sampler, "_LEAN_MODEL_TYPES", ())
+    monkeypatch.setattr(decode_steps, "LEAN_MODEL_TYPES", ())
     ref = _sample(model, params)
     assert torch.equal(lean.response_ids_BT, ref.response_ids_BT)
     torch.testing.assert_close(lean.logp_old_BT, ref.logp_old_BT, atol=1e-5, rtol=0)
@@ -231,11 +232,11 @@ def test_lean_step_equals_transformers_forward(student, monkeypatch, arch, small
 @pytest.mark.parametrize("kv_cache", ["preallocated", "dynamic", "static"])
 def test_eager_attention_generic_step_2d_mask(monkeypatch, kv_cache):
     """Non-SDPA attention takes the 2D-mask path of the generic step (transformers builds the mask)."""
-    from opdkit.rollout import sampler
+    from opdkit.rollout import decode_steps
 
     model = _model(0)
     model.set_attn_implementation("eager")
-    monkeypatch.setattr(sampler, "_LEAN_MODEL_TYPES", ())
+    monkeypatch.setattr(decode_steps, "LEAN_MODEL_TYPES", ())
     b = _sample(model, SamplingParams(max_new_tokens=10, samples_per_prompt=2), kv_cache=kv_cache)
     with torch.no_grad():
         ref = response_logprobs(model, b).logp_BT

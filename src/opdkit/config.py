@@ -77,6 +77,8 @@ class RolloutConfig:
     temperature: float = F(1.0, "sampling temperature (§2.5: 1.0)")
     top_p: float = F(0.9, "nucleus sampling (§2.5: 0.9)")
     top_k: int = F(0, "top-k sampling; 0 = off")
+    max_cache_gb: float = F(24.0, "KV-cache budget of one sampling call in GB (1e9 bytes); rows are sampled in "
+                                  "chunks that fit; 0 = no limit (opdkit extension)")
     reward: str = F("math", "verifier for the training solve rate: math, chain, none")
 
 
@@ -209,9 +211,9 @@ POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.m
             "gate.newline_max_len", "optim.lr", "train.train_steps", "train.rollout_passes",
             "train.minibatches_per_pass", "train.microbatch_size", "train.teacher_microbatch_size",
             "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints", "train.divergence_factor"]
-NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "model.lora_r", "gate.tau", "gate.newline_min_len",
-               "optim.weight_decay", "optim.warmup_updates", "train.save_every_steps", "train.threads",
-               "loss.clip_eps", "sg.beta", "sg.alpha", "sg.lam", "train.divergence_zero_grad_updates"]
+NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "rollout.max_cache_gb", "model.lora_r", "gate.tau",
+               "gate.newline_min_len", "optim.weight_decay", "optim.warmup_updates", "train.save_every_steps",
+               "train.threads", "loss.clip_eps", "sg.beta", "sg.alpha", "sg.lam", "train.divergence_zero_grad_updates"]
 
 
 def _get(cfg: Config, dotted: str):

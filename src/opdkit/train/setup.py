@@ -134,7 +134,8 @@ def build_update_spec(cfg: Config, tok, vocab_limit: int | None) -> UpdateSpec:
 def sampling_params(cfg: Config) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          min_new_tokens=r.min_new_tokens, samples_per_prompt=r.samples_per_prompt)
+                          min_new_tokens=r.min_new_tokens, samples_per_prompt=r.samples_per_prompt,
+                          max_cache_gb=r.max_cache_gb)
 
 
 def _apply_lora(cfg: Config, model):
