@@ -82,7 +82,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_f
             # Every process takes the same prompts from the shared order and keeps its own slice.
             pos = source.next(cfg.rollout.prompts_per_step)[t.rank::t.world]
             prompts = StepPrompts([source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
-                                  [source.indices[i] for i in pos])
+                                  [source.indices[i] for i in pos],
+                                  [source.teacher_ids[i] for i in pos] if source.teacher_ids else None)
             rec = rollout_step(t, step, prompts, on_update=lambda m, s=step: _on_update(t, s, m, logger, bar, log))
             _on_step(t, rec, logger, bar, log)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \
