@@ -204,8 +204,32 @@ def test_self_teacher_scores_under_its_context(tiny_models, tmp_path, teacher, m
     assert (seen["out"].teacher_logp_BT - b.logp_old_BT)[m].abs().max() > 100 * gap
 
 
-def test_sg_opd_with_a_self_teacher(tiny_models, tmp_path):
+def test_sg_opd_with_a_self_teacher(tiny_models, tmp_path, monkeypatch):
+    """The self-teacher samples its §5.2 responses under its context; the student learns them under its own
+    prompt (the NLL batch carries the student's prompts)."""
+    import opdkit.train.sg_opd as sg_mod
+    import opdkit.train.step as step_mod
+
+    seen = {}
+    real_phase, real_update = step_mod.teacher_phase, step_mod.run_update
+
+    def phase(teacher, prompts, answers, **kw):
+        seen["teacher_prompts"] = prompts
+        return real_phase(teacher, prompts, answers, **{**kw, "reward_fn": lambda texts, ans: [1] * len(texts)})
+
+    def update(*a, sft_batch=None, **kw):
+        if sft_batch is not None:
+            seen.setdefault("sft", sft_batch)
+        return real_update(*a, sft_batch=sft_batch, **kw)
+
+    monkeypatch.setattr(step_mod, "teacher_phase", phase)
+    monkeypatch.setattr(step_mod, "run_update", update)
+    assert sg_mod.teacher_phase is real_phase
     cfg = _cfg(tiny_models, tmp_path, "loss.advantage=sign_gated", "sg.phase_steps=1", "train.train_steps=2")
     train(cfg, print_fn=lambda *a: None)
     steps = read_metrics(tmp_path / "metrics.jsonl", "step")
     assert steps[0]["teacher_sampled"] == 4 and "sg_agree_frac" in steps[1]
+    sft = seen["sft"]
+    student_prompts = [row[m.bool()].tolist() for row, m in zip(sft.prompt_ids_BP, sft.prompt_mask_BP)]
+    teacher_prompts = [seen["teacher_prompts"][g] for g in sft.group_ids_B.tolist()]
+    assert all(len(t) > len(s) and t[-len(s):] == s for s, t in zip(student_prompts, teacher_prompts))

@@ -127,7 +127,7 @@ class GateConfig:
 
 @dataclass
 class TeacherConfig:
-    context: str = F("", "the teacher's prompt (opdkit extension; self-distillation contexts, §6): a preset "
+    context: str = F("", "the teacher's prompt (opdkit extension; teacher context, §8): a preset "
                          "(solution, answer, hint) or a template using {problem}, {answer}, {solution}, {hint} "
                          "(other braces literal), wrapped like the student's prompt; empty: the student's prompt. "
                          "{solution} / {hint} need rows with a 'solution' field (MATH500, chainK; not dapo17k)")

@@ -1,4 +1,4 @@
-"""Teachers of ``opdkit diagnose``: a model plus a context (opdkit extension; docs/methods.md §6 asks which
+"""Teachers of ``opdkit diagnose``: a model plus a context (opdkit extension, docs/methods.md §8; §6 asks which
 context should serve as the supervisory signal in self-distillation).
 
 A ``--teacher`` entry is ``MODEL`` (the student's prompt), ``self:CONTEXT`` (the diagnosed student itself,

@@ -73,7 +73,7 @@ def format_prompt(tokenizer, problem: str, *, template: str = "{problem}", chat_
 
 
 # --------------------------------------------------------------------------- teacher contexts
-# opdkit extension (self-distillation, docs/methods.md §6 asks "which context should serve as the supervisory
+# opdkit extension (teacher context, docs/methods.md §8; 2605.10889 asks "which context should serve as the supervisory
 # signal"): a teacher is a model plus a context, the prompt the teacher scores the student's response under.
 # The student never sees it; only the teacher's prompt differs, the response tokens are the same.
 
