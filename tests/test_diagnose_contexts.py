@@ -62,9 +62,8 @@ def _settings(root, out, teachers, **kw):
 def test_self_contexts_score_under_their_prompt(models, tmp_path, monkeypatch):
     """Every context teacher's logits at a node come from its own prompt + the same response prefix."""
     import opdkit.diagnose.nodes as N
-    from opdkit.diagnose.runner import diagnose
-
     import opdkit.diagnose.report as R
+    from opdkit.diagnose.runner import diagnose
 
     monkeypatch.setattr(R, "plots", lambda *a: [])  # 8 matplotlib figures for 4 teachers: not what is tested here
     calls = []
