@@ -125,7 +125,7 @@ def test_missing_solution_fails_before_any_rollout(models, tmp_path, monkeypatch
     monkeypatch.setattr(R, "plots", lambda *a: [])
 
     s = _settings(models, tmp_path, ["self:hint"], data=str(models / "answers_only.jsonl"), n_rollouts=2)
-    with pytest.raises(ValueError, match=r"--teacher self:hint uses \{hint\} but 2 of 2 problems have no"):
+    with pytest.raises(ValueError, match=r"--teacher self:hint uses \{hint\} but 2 of 2 problems lack"):
         diagnose(s)
     diagnose(_settings(models, tmp_path / "ok", ["self:answer"], data=str(models / "answers_only.jsonl"),
                        n_rollouts=2))

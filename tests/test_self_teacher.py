@@ -233,3 +233,24 @@ def test_sg_opd_with_a_self_teacher(tiny_models, tmp_path, monkeypatch):
     student_prompts = [row[m.bool()].tolist() for row, m in zip(sft.prompt_ids_BP, sft.prompt_mask_BP)]
     teacher_prompts = [seen["teacher_prompts"][g] for g in sft.group_ids_B.tolist()]
     assert all(len(t) > len(s) and t[-len(s):] == s for s, t in zip(student_prompts, teacher_prompts))
+
+
+def test_cli_train_with_a_self_teacher(tiny_models, tmp_path, capsys):
+    from opdkit.cli.main import main
+
+    student, _, _ = tiny_models
+    common = [f"model.student={student}", "model.teacher=self", "data.train_file=chain3",
+              "data.chat_template=off", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+              "rollout.max_new_tokens=5", "rollout.reward=chain", "train.train_steps=1", "train.progress=false",
+              "train.device=cpu"]
+    rc = main(["train", *common, "teacher.context=hint", "teacher.hint_lines=1", f"train.output_dir={tmp_path / 'a'}"])
+    assert rc == 0 and (tmp_path / "a" / "final" / "model.safetensors").is_file()
+    assert "hub id" not in capsys.readouterr().out  # 'self' is not looked up as a model id
+    # a context the data cannot fill: one line, before any model loads or any run directory is written
+    rows = tmp_path / "answers.jsonl"
+    rows.write_text('{"problem": "12 a+3 | start 5 |", "answer": "8"}\n')
+    rc = main(["train", *common, f"data.train_file={rows}", "teacher.context=solution",
+               f"train.output_dir={tmp_path / 'b'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "uses {solution} but 1 of 1 problems lack a 'solution' field" in err
+    assert not (tmp_path / "b" / "final").exists()

@@ -128,7 +128,7 @@ def check_context(problems, context: str, student_template: str, *, hint_lines: 
         missing = [p.id for p in problems if not context_values(p, hint_lines)[f]]
         if missing:
             source = "a 'solution' field" if f in ("solution", "hint") else f"an {f!r}"
-            raise ContextError(f"{what} uses {{{f}}} but {len(missing)} of {len(problems)} problems have no "
+            raise ContextError(f"{what} uses {{{f}}} but {len(missing)} of {len(problems)} problems lack "
                                f"{source} (first: {missing[0]!r}); use a context without it (e.g. "
                                f"{what}=answer) or data whose rows carry {source}")
     for p in problems:
