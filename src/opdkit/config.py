@@ -22,7 +22,13 @@ from opdkit.losses.reduction import REDUCTION_MODES
 from opdkit.losses.registry import BASE_LOSSES
 from opdkit.runtime.graders import REWARD_CHOICES
 from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
-from opdkit.runtime.prompts import CHAT_TEMPLATE_CHOICES, QWEN_MATH_TEMPLATE, chat_setting
+from opdkit.runtime.prompts import (
+    CHAT_TEMPLATE_CHOICES,
+    CONTEXT_PRESETS,
+    QWEN_MATH_TEMPLATE,
+    chat_setting,
+    resolve_context,
+)
 from opdkit.runtime.settings import ConfigError, F
 from opdkit.runtime.settings import field_help as _field_help
 from opdkit.train.behaviour import BEHAVIOUR_LOGPROBS
@@ -35,7 +41,10 @@ __all__ = ["QWEN_MATH_TEMPLATE", "Config", "ConfigError", "F", "field_help", "lo
 @dataclass
 class ModelConfig:
     student: str = F("", "student: local path (save_pretrained dir) or hub id; it samples and learns")
-    teacher: str = F("", "teacher: local path or hub id; scores every sampled token")
+    teacher: str = F("", "teacher: local path or hub id; scores every sampled token. 'self': a frozen copy of the "
+                         "initial student (loaded again from model.student), 'self-current': the live student "
+                         "itself, scored under no_grad (no gradient through the teacher pass); both need "
+                         "teacher.context (self-distillation, opdkit extension)")
     tokenizer: str = F("", "tokenizer path or id (default: the student's)")
     dtype: str = F("auto", "student weights dtype: auto (float32 weights, bf16 autocast on GPU), float32, "
                            "bfloat16")
@@ -134,6 +143,15 @@ class GateConfig:
 
 
 @dataclass
+class TeacherConfig:
+    context: str = F("", "the teacher's prompt (opdkit extension; teacher context, §8): a preset "
+                         "(solution, answer, hint) or a template using {problem}, {answer}, {solution}, {hint} "
+                         "(other braces literal), wrapped like the student's prompt; empty: the student's prompt. "
+                         "{solution} / {hint} need rows with a 'solution' field (MATH500, chainK; not dapo17k)")
+    hint_lines: int = F(2, "lines of the solution that {hint} holds (its first non-empty lines)")
+
+
+@dataclass
 class OptimConfig:
     lr: float = F(2e-6, "AdamW learning rate")
     weight_decay: float = F(0.0, "AdamW weight decay")
@@ -185,9 +203,13 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     sg: SGConfig = field(default_factory=SGConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+
+#: model.teacher values that make the student its own teacher (resolved in :mod:`opdkit.train.setup`).
+SELF_TEACHERS = ("self", "self-current")
 
 # Valid names: from the registries where there is one (a new loss or gate needs no edit here).
 CHOICES = {
@@ -208,7 +230,7 @@ CHOICES = {
 }
 POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "loss.topk", "loss.tis_cap", "gate.block_size", "gate.newline_fallback",
-            "gate.newline_max_len", "optim.lr", "train.train_steps", "train.rollout_passes",
+            "gate.newline_max_len", "teacher.hint_lines", "optim.lr", "train.train_steps", "train.rollout_passes",
             "train.minibatches_per_pass", "train.microbatch_size", "train.teacher_microbatch_size",
             "train.logprob_chunk_size", "train.max_bad_updates", "train.keep_checkpoints", "train.divergence_factor"]
 NONNEGATIVE = ["rollout.min_new_tokens", "rollout.top_k", "rollout.max_cache_gb", "model.lora_r", "gate.tau",
@@ -263,6 +285,7 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
                           "per response, divided by its own mean): use gate.normalize = batch or none")
     if cfg.gate.newline_min_len > cfg.gate.newline_max_len:
         raise ConfigError("gate.newline_min_len must be <= gate.newline_max_len")
+    _validate_teacher(cfg)
     if need_models:
         for key in ("model.student", "model.teacher"):
             if not _get(cfg, key):
@@ -270,6 +293,19 @@ def validate(cfg: Config, *, need_models: bool = True) -> Config:
         if not (cfg.data.train_file or cfg.data.hf_dataset):
             raise ConfigError("data.train_file (a .jsonl path or registered name) or data.hf_dataset is required")
     return cfg
+
+
+def _validate_teacher(cfg: Config) -> None:
+    """A self-teacher needs a context; a context must be a preset or use a field (see :class:`TeacherConfig`)."""
+    ctx = cfg.teacher.context
+    if cfg.model.teacher in SELF_TEACHERS and not ctx:
+        raise ConfigError(f"model.teacher = {cfg.model.teacher} needs teacher.context (e.g. teacher.context=solution): "
+                          "under the student's own prompt the self-teacher is the student and every advantage is 0")
+    if ctx and ctx not in CONTEXT_PRESETS:
+        try:
+            resolve_context(ctx, chain=False)
+        except ValueError as e:
+            raise ConfigError(f"teacher.context: {e}") from None
 
 
 class _Raw(str):

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opdkit.rollout.preflight import check_context
 from opdkit.runtime.benchmarks import is_chain, load_benchmark
 from opdkit.runtime.problems import Problem, load_hf_problems, load_jsonl_problems
-from opdkit.runtime.prompts import PromptSettings, chat_setting, format_prompt
+from opdkit.runtime.prompts import PromptSettings, chat_setting, format_prompt, format_teacher_prompt, resolve_context
 
 
 def load_problems(train_file: str = "", *, data_dir: str = "", hf_dataset: str = "", hf_split: str = "train",
@@ -30,7 +31,8 @@ def load_problems(train_file: str = "", *, data_dir: str = "", hf_dataset: str =
 class PromptSource:
     """Tokenized prompts served in seeded, shuffled epochs; ``state()`` / ``load_state()`` resume exactly.
 
-    ``dropped`` counts prompts longer than ``max_prompt_tokens``.
+    ``dropped`` counts prompts longer than ``max_prompt_tokens``. ``teacher_ids``: the teacher's prompt of
+    each problem under ``teacher.context`` (None without a context: the teacher sees the student's prompt).
     """
 
     prompt_ids: list[list[int]]
@@ -42,14 +44,20 @@ class PromptSource:
     epoch: int = 0
     cursor: int = 0
     _order: list[int] = field(default_factory=list, repr=False)
+    teacher_ids: list[list[int]] | None = None
 
     @classmethod
     def build(cls, problems: list[Problem], tokenizer, *, template: str, chat_template: str | bool,
-              max_prompt_tokens: int, seed: int = 0, shuffle: bool = True) -> PromptSource:
-        """Tokenize every problem (``chat_template``: on / off / auto, see :mod:`opdkit.runtime.prompts`)."""
-        template, chat_template = PromptSettings(template, chat_setting(chat_template)).resolve(
-            chain=is_chain(problems))
-        ids, answers, idx, dropped = [], [], [], 0
+              max_prompt_tokens: int, seed: int = 0, shuffle: bool = True, context: str = "",
+              hint_lines: int = 2) -> PromptSource:
+        """Tokenize every problem (``chat_template``: on / off / auto, see :mod:`opdkit.runtime.prompts`), and
+        its teacher prompt under ``context`` (checked first by :func:`opdkit.rollout.preflight.check_context`)."""
+        chain = is_chain(problems)
+        template, chat_template = PromptSettings(template, chat_setting(chat_template)).resolve(chain=chain)
+        if context:
+            context = resolve_context(context, chain=chain)
+            check_context(problems, context, template, hint_lines=hint_lines)
+        ids, answers, idx, t_ids, dropped = [], [], [], [], 0
         for i, p in enumerate(problems):
             toks = format_prompt(tokenizer, p.problem, template=template, chat_template=chat_template)
             if len(toks) > max_prompt_tokens:
@@ -58,10 +66,14 @@ class PromptSource:
             ids.append(toks)
             answers.append(p.answer)
             idx.append(i)
+            if context:
+                t_ids.append(format_teacher_prompt(tokenizer, p, context, hint_lines=hint_lines,
+                                                   chat_template=chat_template))
         if not ids:
             raise ValueError(f"no prompt fits data.max_prompt_tokens = {max_prompt_tokens} "
                              f"({dropped} dropped); raise it")
-        return cls(ids, answers, idx, seed=seed, shuffle=shuffle, dropped=dropped)
+        return cls(ids, answers, idx, seed=seed, shuffle=shuffle, dropped=dropped,
+                   teacher_ids=t_ids if context else None)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -22,7 +22,11 @@ def add_parser(sub) -> None:
                                    "rollouts.html to --out.")
     p.add_argument("--student", default="miniature", help="student model path / hub id, or 'miniature' (shipped)")
     p.add_argument("--teacher", default="miniature",
-                   help="teacher model(s), comma-separated; 'miniature' = the shipped teacher")
+                   help="teachers, comma-separated: a model path / hub id ('miniature' = the shipped teacher), "
+                        "self:CONTEXT (the student itself under a privileged context: solution, answer, hint or a "
+                        "template with {problem} {answer} {solution} {hint}; opdkit extension) or MODEL:PRESET, "
+                        "e.g. miniature,self:solution,self:answer,self:hint")
+    p.add_argument("--hint-lines", type=int, default=2, help="lines of the solution a context's {hint} holds")
     p.add_argument("--data", default="chain7",
                    help="benchmark name (chain8, chain12, math500, ...), chainK for any K (the miniature's task "
                         "with K steps; the shipped student solves about half of chain7 at T = 1), or a .jsonl "
@@ -102,7 +106,8 @@ def settings_from_args(args):
     return DiagnoseSettings(
         student=args.student, teachers=[t.strip() for t in args.teacher.split(",") if t.strip()], data=args.data,
         n_rollouts=args.n_rollouts, samples_per_question=args.samples_per_question, offset=args.offset,
-        grader=args.grader, probe=probe, lsm_k=args.lsm_k, jsd_betas=betas, seed=args.seed, out=args.out,
+        grader=args.grader, probe=probe, lsm_k=args.lsm_k, hint_lines=args.hint_lines, jsd_betas=betas,
+        seed=args.seed, out=args.out,
         prompt=PromptSettings(args.template, args.chat_template), data_dir=args.data_dir, device=args.device,
         dtype=args.dtype, run_dir=run_dir, gate_model=args.gate_model, gate=gate,
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress, workers=args.workers,

@@ -43,10 +43,11 @@ def add_parser(sub) -> None:
 
 def _check_models(cfg) -> list[str]:
     """Refuse a missing or unreadable model path before anything loads; notes for hub ids to download."""
-    from opdkit.config import ConfigError
+    from opdkit.config import SELF_TEACHERS, ConfigError
     from opdkit.runtime.models import require_model_sources
 
-    fields = [("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher),
+    teacher = "" if cfg.model.teacher in SELF_TEACHERS else cfg.model.teacher  # self: the student's own path
+    fields = [("model.student", cfg.model.student), ("model.teacher", teacher),
               ("model.tokenizer", cfg.model.tokenizer)]
     require_model_sources(fields, ConfigError)
     return [f"{name} = {value!r} is a hub id: it is downloaded unless cached" for name, value in fields

@@ -30,6 +30,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lsm_newline": ("LSM+NewlineSpan", ["loss.name=lsm", "gate.name=newline"]),
     "sg_opd": ("SG-OPD", ["loss.name=opd", "gate.name=none", "loss.advantage=sign_gated"]),
     "sg_opd_block": ("SG-OPD+Block16", ["loss.name=opd", "gate.name=block", "loss.advantage=sign_gated"]),
+    # self-distillation (opdkit extension): the frozen initial student is the teacher, given the chain task's
+    # reference solution before the problem (runtime.prompts.CONTEXT_PRESETS["solution"]); no external teacher
+    "self_opd": ("Self-OPD (solution)", ["loss.name=opd", "gate.name=none", "model.teacher=self",
+                                         "teacher.context=solution"]),
 }
 # the reuse controls (docs/methods.md §8): not the paper's, so labelled as opdkit extensions
 EXT = " (opdkit ext.)"
@@ -69,7 +73,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(
         "default", [*_COMMON, "rollout.prompts_per_step=8", "train.train_steps=40", "train.rollout_passes=2",
                     "optim.lr=5e-4"],
-        variants=(*SIX, "sg_opd", "sg_opd_block"), eval_problems=32,
+        variants=(*SIX, "sg_opd", "sg_opd_block", "self_opd"), eval_problems=32,
         description="40 rollout steps of 8 prompts x 4 samples, 2 passes per rollout batch, lr 5e-4"),
     "quick": Preset(
         "quick", [*_COMMON, "rollout.prompts_per_step=4", "train.train_steps=4", "train.rollout_passes=2",

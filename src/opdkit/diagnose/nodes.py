@@ -121,7 +121,7 @@ def candidate_ids(sampled: int, student_logits_V: torch.Tensor, teacher_logits_V
 def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: list[int], answer: str, *,
                   grade: Grade, decode: Callable[[list[int]], str], params: ProbeParams,
                   eos_token_ids: list[int], pad_token_id: int, vocab: int, seed: int = 0,
-                  rollout: int = 0) -> list[NodeProbe]:
+                  rollout: int = 0, teacher_prompts: dict | None = None) -> list[NodeProbe]:
     """Probe the nodes of one student rollout (module docstring); returns one :class:`NodeProbe` each.
 
     Args:
@@ -130,13 +130,17 @@ def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: 
         answer: reference answer; grade: ``fn(texts, answers) -> rewards``; decode: ids -> response text.
         vocab: shared vocabulary size (candidates and distributions live on ``[0, vocab)``).
         seed / rollout: seed the per-node generators (:func:`node_seed`).
+        teacher_prompts: {teacher: prompt ids} of teachers that score under their own context (opdkit
+            extension, :mod:`opdkit.diagnose.contexts`); the others see ``prompt_ids``. Only the teacher's
+            prompt differs: it scores the same response tokens and completions.
     """
+    t_prompts = {name: (teacher_prompts or {}).get(name, list(prompt_ids)) for name in teachers}
     L = len(response_ids)
     positions = node_positions(L, params.max_nodes)
     if not positions:
         return []
     s_logits_NV = logits_at(student, prompt_ids, response_ids, positions, vocab)
-    t_logits = {name: logits_at(t, prompt_ids, response_ids, positions, vocab) for name, t in teachers.items()}
+    t_logits = {name: logits_at(t, t_prompts[name], response_ids, positions, vocab) for name, t in teachers.items()}
     eos = {int(e) for e in eos_token_ids}
     device = next(student.parameters()).device
     out, spent = [], 0
@@ -168,7 +172,10 @@ def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: 
             rewards_UM[open_u] = r
             if params.minillm:
                 for name, teacher in teachers.items():
-                    fs, fm = _future_log_ratio(teacher, batch, vocab)
+                    rows = ([t_prompts[name] + list(response_ids[:t]) + [union[u]] for u in open_u
+                             for _ in range(params.m)]  # prompt-major, as sample_rollouts lays them out
+                            if name in (teacher_prompts or {}) else None)
+                    fs, fm = _future_log_ratio(teacher, batch, vocab, rows)
                     futures[name][0][open_u] = fs.view(len(open_u), params.m).mean(dim=1)
                     futures[name][1][open_u] = fm.view(len(open_u), params.m).mean(dim=1)
         closed = [u for u in range(len(union)) if u not in open_u]
@@ -188,11 +195,13 @@ def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: 
     return out
 
 
-def _future_log_ratio(teacher, batch: RolloutBatch, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per completion row ``[B]``: ``Σ_t (log q − log π_old)`` over its tokens, and that sum / its length."""
+def _future_log_ratio(teacher, batch: RolloutBatch, vocab: int,
+                      prompts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion row ``[B]``: ``Σ_t (log q − log π_old)`` over its tokens, and that sum / its length
+    (``prompts``: the teacher's prompt per row, see :func:`opdkit.rollout.teacher.score_with_teacher`)."""
     _, w = decoder_and_head(teacher)
     limit = vocab if w.shape[0] > vocab else None
-    scored = score_with_teacher(teacher, batch, topk=0, microbatch_size=64, vocab_limit=limit)
+    scored = score_with_teacher(teacher, batch, topk=0, microbatch_size=64, vocab_limit=limit, prompts=prompts)
     m_BT = batch.response_mask_BT.float()
     diff_BT = (scored.teacher_logp_BT - batch.logp_old_BT) * m_BT
     s_B = diff_BT.sum(dim=1).cpu()

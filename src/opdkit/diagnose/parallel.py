@@ -28,6 +28,7 @@ class ProbeJob:
     prompt_ids: list[int]
     response_ids: list[int]
     answer: str
+    teacher_prompts: dict = field(default_factory=dict)  # {teacher: prompt ids} for teachers with a context
 
 
 @dataclass
@@ -52,8 +53,12 @@ def _load(ctx: ProbeContext) -> dict:
 
     if not ctx.models:
         remote_code = ctx.load.get("trust_remote_code", False)
-        ctx.models = {"student": load_frozen(ctx.student_path, **ctx.load),
-                      "teachers": {n: load_frozen(p, **ctx.load) for n, p in ctx.teacher_paths.items()},
+        loaded = {ctx.student_path: load_frozen(ctx.student_path, **ctx.load)}  # one copy per path (self-teachers)
+        for p in ctx.teacher_paths.values():
+            if p not in loaded:
+                loaded[p] = load_frozen(p, **ctx.load)
+        ctx.models = {"student": loaded[ctx.student_path],
+                      "teachers": {n: loaded[p] for n, p in ctx.teacher_paths.items()},
                       "tok": load_tokenizer(ctx.student_path, trust_remote_code=remote_code),
                       "grade": as_reward_fn(ctx.grader)}
     return ctx.models
@@ -65,7 +70,7 @@ def probe_job(ctx: ProbeContext, job: ProbeJob) -> list[NodeProbe]:
     return probe_rollout(m["student"], m["teachers"], job.prompt_ids, job.response_ids, job.answer,
                          grade=m["grade"], decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                          params=ctx.params, eos_token_ids=ctx.eos_token_ids, pad_token_id=ctx.pad_token_id,
-                         vocab=ctx.vocab, seed=ctx.seed, rollout=job.rollout)
+                         vocab=ctx.vocab, seed=ctx.seed, rollout=job.rollout, teacher_prompts=job.teacher_prompts)
 
 
 _WORKER: dict = {}

@@ -124,6 +124,34 @@ def _lsm_k(summary: dict) -> int | None:
     return (summary.get("settings") or {}).get("lsm_k")
 
 
+def _context_label(summary: dict, teacher: str) -> str:
+    ctx = summary.get("contexts", {}).get(teacher)
+    return "student's prompt" if not ctx else "`" + ctx.replace("\n", "\\n") + "`"
+
+
+def context_table(summary: dict, agg: dict) -> list[str]:
+    """Teachers (a model plus a context) side by side: alignment per token (pooled nodes), per rollout and per
+    question, on correct and incorrect rollouts (opdkit extension, :mod:`opdkit.diagnose.contexts`)."""
+    from opdkit.diagnose.contexts import compare
+
+    rows = compare(agg, summary["methods"])
+    if len(agg) < 2 or not rows:
+        return []
+    L = ["## Teachers and contexts compared", "",
+         "Mean alignment ± standard error. Per token: pooled nodes; per rollout: mean of a rollout's nodes; per "
+         "question: mean over questions of their pooled nodes. A context is the teacher's prompt (the "
+         "student always sees its own).", "",
+         "| teacher | context | method | per token, correct | per token, incorrect | per rollout, correct | "
+         "per rollout, incorrect | incorrect − correct (rollout) | per question |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        (tc, ti), (rc, ri) = ((r[u]["correct"], r[u]["incorrect"]) for u in ("token", "rollout"))
+        q = "n/a" if r["question_mean"] is None else f"{r['question_mean']:+.3f} ({r['questions']})"
+        L.append(f"| {html.escape(r['teacher'])} | {_context_label(summary, r['teacher'])} | {r['method']} | "
+                 f"{_fmt(tc)} | {_fmt(ti)} | {_fmt(rc)} | {_fmt(ri)} | {_diff(rc, ri)} | {q} |")
+    return L + [""]
+
+
 def markdown(summary: dict, agg: dict) -> str:
     s, methods = summary, summary["methods"]
     L = ["# opdkit diagnose: gradient alignment with the ideal per-token gradient (docs/methods.md §6)", ""]
@@ -151,6 +179,7 @@ def markdown(summary: dict, agg: dict) -> str:
           "candidate set; `*_sampled` rows use the rollout's own token (a single-sample signal), the "
           "others the expected direction. `drgrpo` uses the same Psucc as g*, so it is 1 by construction (a "
           "sanity check of the pipeline; with exact Psucc Dr.GRPO's expected gradient is g*).", ""]
+    L += context_table(summary, agg)
     for teacher, a in agg.items():
         L += [f"## Teacher `{teacher}`", "",
               "### Per rollout (mean of its node cosines; count = rollouts)", ""]
@@ -248,7 +277,25 @@ s.title=(s.dataset.info||'')+'\\n'+m+' cos = '+(v===null||v===undefined?'skipped
 """
 
 
-def html_page(summary: dict, rollouts: list[dict]) -> str:
+def _html_context_table(summary: dict, agg: dict | None) -> str:
+    from opdkit.diagnose.contexts import compare
+
+    if not agg or len(agg) < 2:
+        return ""
+    esc = html.escape
+    head = ("<table border='1' cellpadding='3' style='border-collapse:collapse'><tr><th>teacher</th><th>context</th>"
+            "<th>method</th><th>per token, correct</th><th>per token, incorrect</th><th>per rollout, correct</th>"
+            "<th>per rollout, incorrect</th></tr>")
+    ctx = summary.get("contexts", {})
+    cells = [(u, sp) for u in ("token", "rollout") for sp in ("correct", "incorrect")]
+    body = "".join(f"<tr><td>{esc(r['teacher'])}</td><td><code>{esc(ctx.get(r['teacher']) or '(student prompt)')}"
+                   f"</code></td><td>{esc(r['method'])}</td>"
+                   + "".join(f"<td>{esc(_fmt(r[u][sp]))}</td>" for u, sp in cells)
+                   + "</tr>" for r in compare(agg, summary["methods"]))
+    return "<h2>Teachers and contexts compared</h2>" + head + body + "</table>"
+
+
+def html_page(summary: dict, rollouts: list[dict], agg: dict | None = None) -> str:
     """Rollouts with probed tokens coloured by alignment (green +, red −, grey g* = 0) and every token by gate."""
     esc = html.escape
     methods, teachers = summary["methods"], summary["teachers"]
@@ -266,7 +313,7 @@ def html_page(summary: dict, rollouts: list[dict]) -> str:
              " A second line, when a drift gate was given, colours every token by its normalized gate weight "
              "(orange &lt; 1, blue &gt; 1).</p>",
              f"<p>teacher <select id='tsel' onchange='paint()'>{opts_t}</select> method "
-             f"<select id='msel' onchange='paint()'>{opts_m}</select></p>"]
+             f"<select id='msel' onchange='paint()'>{opts_m}</select></p>", _html_context_table(summary, agg)]
     for r in rollouts:
         cls = "ok" if r["correct"] else "bad"
         parts.append(f"<div class='roll'><b>rollout {r['rollout']}</b> · question {esc(str(r['question']))} · "
@@ -279,6 +326,9 @@ def html_page(summary: dict, rollouts: list[dict]) -> str:
                 data = {t: al[t].get(pos, {}) for t in teachers}
                 info = f"depth {pos + 1}; candidates ({t0}): " + "; ".join(
                     f"{c!r} p={p} q={q} Psucc={ps}" for c, p, q, ps in cands.get(pos, []))
+                if len(teachers) > 1:  # this token under every teacher / context
+                    info += f"; {m0} by teacher: " + ", ".join(
+                        f"{t} {data[t][m0]:+.3f}" if data[t].get(m0) is not None else f"{t} skipped" for t in teachers)
                 if r.get("gates"):
                     info += f"; gate {r['gates'][pos]:.3f}"
                 v = data[t0].get(m0)
@@ -305,5 +355,5 @@ def write_report(out: Path, summary: dict, rollouts: list[dict]) -> dict:
     (out / "aggregates.json").write_text(json.dumps(agg, indent=1))
     summary["plots"] = plots(out, summary, agg, rollouts)
     (out / "report.md").write_text(markdown(summary, agg))
-    (out / "rollouts.html").write_text(html_page(summary, rollouts), encoding="utf-8")
+    (out / "rollouts.html").write_text(html_page(summary, rollouts, agg), encoding="utf-8")
     return agg

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from opdkit.diagnose.alignment import node_record
+from opdkit.diagnose.contexts import SELF, parse_teachers, resolved_contexts, teacher_prompt_ids
 from opdkit.diagnose.directions import concat_cosine, method_names
 from opdkit.diagnose.gating import GateSpec, gate_spec_from_run, rollout_gates, run_gate_model
 from opdkit.diagnose.nodes import ProbeParams
@@ -38,7 +39,9 @@ class DiagnoseSettings:
     field to fix."""
 
     student: str = F("miniature", "student path / hub id, or 'miniature' (the shipped one)")
-    teachers: list[str] = F(["miniature"], "teacher paths / hub ids ('miniature': the shipped teacher)")
+    teachers: list[str] = F(["miniature"], "teachers: a path / hub id ('miniature': the shipped teacher), "
+                                           "self:CONTEXT (the student under a privileged context: solution, "
+                                           "answer, hint or a template; opdkit extension) or MODEL:PRESET")
     data: str = F("chain7", "comma-separated problem sets: chainK, registered names, .jsonl paths")
     n_rollouts: int = F(64, "student rollouts to diagnose")
     samples_per_question: int = F(1, "rollouts per question")
@@ -49,6 +52,7 @@ class DiagnoseSettings:
     lsm_k: int = F(3, "LSM support size: the teacher's top-K inside each node's candidate set (labelled in the "
                       "report); not training's loss.topk (top-K of the full vocabulary), see --lsm-k")
     jsd_betas: tuple[float, ...] = F((), "extra generalized-JSD beta values (0.5 is built in)")
+    hint_lines: int = F(2, "lines of the solution that a context's {hint} holds")
     seed: int = F(0, "seed of the rollouts and of every node's completions")
     out: str = F("diagnose_out", "output directory")
     prompt: PromptSettings = F(PromptSettings(), "prompt template and chat-template setting")
@@ -64,11 +68,13 @@ class DiagnoseSettings:
     command: str = F("", "the command line, recorded in summary.json")
 
     def validate(self) -> DiagnoseSettings:
-        for name, lo in (("n_rollouts", 1), ("samples_per_question", 1), ("lsm_k", 1), ("offset", 0), ("workers", 1)):
+        for name, lo in (("n_rollouts", 1), ("samples_per_question", 1), ("lsm_k", 1), ("offset", 0), ("workers", 1),
+                         ("hint_lines", 1)):
             if getattr(self, name) < lo:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be >= {lo}")
         if not self.teachers:
             raise ConfigError("teachers is empty: give at least one teacher model")
+        parse_teachers(self.teachers)
         if not callable(self.grader):
             check_choice("grader", self.grader, (*GRADERS, "auto"))
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
@@ -86,17 +92,6 @@ def resolve_model_path(spec: str, role: str) -> str:
                                     "`python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature`")
         return str(path)
     return spec
-
-
-def _teacher_names(paths: list[str]) -> list[str]:
-    names = []
-    for p in paths:
-        base = p if p == "miniature" else (Path(p).name or p)
-        name, i = base, 2
-        while name in names:
-            name, i = f"{base}#{i}", i + 1
-        names.append(name)
-    return names
 
 
 def _load_problems(s: DiagnoseSettings):
@@ -130,6 +125,7 @@ class _Setup:
     gate_model: object = None
     gate_path: str = ""
     names: list[str] = field(default_factory=list)
+    contexts: dict = field(default_factory=dict)  # {teacher name: context template} (diagnose.contexts)
 
 
 def _setup(s: DiagnoseSettings) -> _Setup:
@@ -143,9 +139,16 @@ def _setup(s: DiagnoseSettings) -> _Setup:
     student_path = resolve_model_path(s.student, "student")
     tok = load_tokenizer(student_path, trust_remote_code=s.trust_remote_code)
     student = load_frozen(student_path, **load)
-    names = _teacher_names(s.teachers)
-    teacher_paths = {n: resolve_model_path(p, "teacher") for n, p in zip(names, s.teachers)}
-    teachers = {n: load_frozen(p, **load) for n, p in teacher_paths.items()}
+    specs = parse_teachers(s.teachers)
+    names = [t.name for t in specs]
+    contexts = resolved_contexts(specs, problems, template, chain=chain, hint_lines=s.hint_lines)
+    teacher_paths = {t.name: student_path if t.model == SELF else resolve_model_path(t.model, "teacher")
+                     for t in specs}
+    loaded = {student_path: student}  # a self-teacher is the (frozen) student itself; one copy per path
+    for p in teacher_paths.values():
+        if p not in loaded:
+            loaded[p] = load_frozen(p, **load)
+    teachers = {n: loaded[p] for n, p in teacher_paths.items()}
     vocab = min([student.get_input_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]]
                 + [t.get_output_embeddings().weight.shape[0] for t in teachers.values()])
     gate_spec, gate_path = s.gate, s.gate_model
@@ -156,7 +159,7 @@ def _setup(s: DiagnoseSettings) -> _Setup:
             print(f"opdkit diagnose: {s.run_dir} has no final/ model; no drift-gate view (give --gate-model)")
     return _Setup(problems, grader_name, grader, as_reward_fn(fn), template, chat, device, load, student_path, tok,
                   student, teacher_paths, teachers, vocab, eos_token_ids(student, tok), gate_spec,
-                  load_frozen(gate_path, **load) if gate_path else None, gate_path, names)
+                  load_frozen(gate_path, **load) if gate_path else None, gate_path, names, contexts)
 
 
 def _sample(st: _Setup, s: DiagnoseSettings, gen):
@@ -217,7 +220,8 @@ def diagnose(s: DiagnoseSettings) -> dict:
 def _probe_all(st: _Setup, s: DiagnoseSettings, ctx, rows, texts, rewards, methods, out: Path):
     """Probe every rollout's nodes (in ``s.workers`` processes), write ``nodes.jsonl``; returns the per-rollout
     records and the completion / node counts."""
-    jobs = [ProbeJob(r, prompt_ids, b.response_token_ids()[0], prob.answer)
+    jobs = [ProbeJob(r, prompt_ids, b.response_token_ids()[0], prob.answer,
+                     teacher_prompt_ids(st.tok, prob, st.contexts, hint_lines=s.hint_lines, chat=st.chat))
             for r, (prob, prompt_ids, b) in enumerate(rows)]
 
     def decode_token(i):
@@ -258,6 +262,7 @@ def _summary(s, st: _Setup, methods, rollout_recs, rewards, stats, t_rollouts, t
     per_s = max(stats["sample_seconds"], 1e-9)
     return {
         "command": s.command, "settings": _settings_dict(s), "grader": st.grader_name, "teachers": st.names,
+        "contexts": st.contexts,
         "methods": methods, "rollouts": len(rollout_recs), "correct": sum(bool(x > 0) for x in rewards),
         "nodes": stats["nodes"], "skipped_gstar_zero": stats["skipped"], "completions": stats["completions"],
         "completion_tokens": stats["completion_tokens"], "sample_seconds": round(stats["sample_seconds"], 3),

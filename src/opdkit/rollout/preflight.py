@@ -8,6 +8,8 @@ are fine: the rows past the tokenizer are never sampled, and scoring on the shar
 
 from __future__ import annotations
 
+from opdkit.runtime.prompts import context_values, privileged_fields, prompt_text
+
 CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 _MAX_LISTED = 10
 
@@ -95,3 +97,44 @@ def newline_token_ids(tokenizer) -> list[int]:
     texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
     return [i for i, text in zip(ids, texts) if "\n" in text]
+
+
+class ContextError(ValueError):
+    """A teacher context that the data cannot fill, or that leaks into the student's prompt."""
+
+
+#: Privileged text shorter than this many characters (e.g. an answer "42") is not searched for in the student's
+#: prompt: short strings occur in problems by chance.
+LEAK_MIN_CHARS = 8
+
+
+def check_context(problems, context: str, student_template: str, *, hint_lines: int = 2,
+                  what: str = "teacher.context") -> None:
+    """Refuse a teacher context (a resolved template, see :func:`opdkit.runtime.prompts.resolve_context`)
+    before any model runs: every field it uses must be in every row, and nothing privileged may reach the
+    student's prompt.
+
+    Raises :class:`ContextError` (one line, saying what to change) when rows lack a field the context uses
+    (e.g. ``{solution}`` on DAPO-Math-17k, which has answers only), when the student's prompt template
+    uses a privileged field (``{answer}``, ``{solution}``, ``{hint}``), or when a row's privileged text of
+    at least :data:`LEAK_MIN_CHARS` characters appears verbatim in its student prompt.
+    """
+    used = privileged_fields(context)
+    in_student = [f for f in ("answer", "solution", "hint") if "{" + f + "}" in student_template]
+    if in_student:
+        raise ContextError(f"the student's prompt template uses {{{in_student[0]}}}, teacher-only information: "
+                           f"remove it from data.prompt_template (it belongs in {what})")
+    for f in used:
+        missing = [p.id for p in problems if not context_values(p, hint_lines)[f]]
+        if missing:
+            source = "a 'solution' field" if f in ("solution", "hint") else f"an {f!r}"
+            raise ContextError(f"{what} uses {{{f}}} but {len(missing)} of {len(problems)} problems lack "
+                               f"{source} (first: {missing[0]!r}); use a context without it (e.g. "
+                               f"{what}=answer) or data whose rows carry {source}")
+    for p in problems:
+        student = prompt_text(p.problem, student_template)
+        values = context_values(p, hint_lines)
+        for f in used:
+            if len(values[f].strip()) >= LEAK_MIN_CHARS and values[f].strip() in student:
+                raise ContextError(f"{what}: the {f} of problem {p.id!r} appears in the student's own prompt, so "
+                                   f"the context gives the teacher nothing the student lacks; check the data")

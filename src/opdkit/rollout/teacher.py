@@ -28,7 +28,8 @@ from opdkit.rollout.scoring import decoder_and_head, response_logprobs
 
 
 def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbatch_size: int = 8,
-                       chunk_size: int = 1024, vocab_limit: int | None = None) -> RolloutBatch:
+                       chunk_size: int = 1024, vocab_limit: int | None = None,
+                       prompts: list[list[int]] | None = None) -> RolloutBatch:
     """Return a copy of ``batch`` with the teacher fields filled (see the module docstring).
 
     Args:
@@ -38,6 +39,8 @@ def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbat
         microbatch_size: rows per teacher forward (>= 1).
         chunk_size: positions per LM-head chunk (peak memory ~ ``2 * chunk_size * V * 4`` bytes).
         vocab_limit: score on the first ``vocab_limit`` ids only (None: the teacher's whole head).
+        prompts: the teacher's prompt per row (its context, :func:`with_prompts`); None: the student's prompts.
+            Only the scoring sees them: the returned batch keeps the student's prompts.
 
     Raises ValueError when a response token is outside the scored vocabulary (the teacher could not
     score it; run :func:`opdkit.rollout.preflight.check_tokenizers` first).
@@ -50,6 +53,9 @@ def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbat
         raise ValueError(f"topk must be in [0, {V}] (the scored vocabulary), got {topk}")
     if microbatch_size < 1:
         raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
+    student_batch = batch
+    if prompts is not None:
+        batch = with_prompts(batch, prompts)
     mask_BT = batch.response_mask_BT.bool()
     if batch.size and bool(mask_BT.any()):
         hi = int(batch.response_ids_BT[mask_BT].max())
@@ -91,7 +97,7 @@ def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbat
                     top_logits_BTK[idx, :t] = torch.where(m_bt[..., None], out.topk_logits_BTK, 0.0).to(out_dev)
     finally:
         teacher.train(was_training)
-    return replace(batch, teacher_logp_BT=logp_BT, teacher_lse_BT=lse_BT, teacher_topk_ids_BTK=top_ids_BTK,
+    return replace(student_batch, teacher_logp_BT=logp_BT, teacher_lse_BT=lse_BT, teacher_topk_ids_BTK=top_ids_BTK,
                    teacher_topk_logits_BTK=top_logits_BTK)
 
 
@@ -101,3 +107,25 @@ def _minimal(batch: RolloutBatch) -> RolloutBatch:
                         response_ids_BT=batch.response_ids_BT, response_mask_BT=batch.response_mask_BT,
                         logp_old_BT=batch.logp_old_BT, group_ids_B=batch.group_ids_B,
                         prompt_index_B=batch.prompt_index_B)
+
+
+def with_prompts(batch: RolloutBatch, prompts: list[list[int]], pad_token_id: int = 0) -> RolloutBatch:
+    """``batch`` with row ``b``'s prompt replaced by ``prompts[b]`` (left-padded to the longest), same responses.
+
+    The teacher's prompt (its context) may be longer or shorter than the student's. Left padding keeps the
+    layout of :class:`RolloutBatch`: response token ``t`` of every row is still predicted at column
+    ``P' − 1 + t`` and position ids restart after each row's own padding, so the teacher's log-probs stay
+    aligned with the student's tokens row by row (tested against unpadded single rows).
+    """
+    if len(prompts) != batch.size:
+        raise ValueError(f"with_prompts: {len(prompts)} prompts for a batch of {batch.size} rows")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("with_prompts: every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    dev = batch.prompt_ids_BP.device
+    ids_BP = torch.full((batch.size, P), int(pad_token_id), dtype=torch.long, device=dev)
+    mask_BP = torch.zeros(batch.size, P, dtype=batch.prompt_mask_BP.dtype, device=dev)
+    for b, p in enumerate(prompts):
+        ids_BP[b, P - len(p):] = torch.as_tensor(p, dtype=torch.long, device=dev)
+        mask_BP[b, P - len(p):] = 1
+    return replace(batch, prompt_ids_BP=ids_BP, prompt_mask_BP=mask_BP)

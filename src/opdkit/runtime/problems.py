@@ -30,11 +30,20 @@ class Problem:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def solution(self) -> str | None:
+        """The row's worked ``solution`` (MATH500 and the chain task have one), or None when it has none."""
+        sol = self.extra.get("solution")
+        return sol if isinstance(sol, str) and sol.strip() else None
+
 
 def problems_from_rows(rows: Iterable[Mapping]) -> list[Problem]:
-    """Problems from in-memory rows that already have ``id``, ``problem``, ``answer`` (generated tasks)."""
+    """Problems from in-memory rows that already have ``id``, ``problem``, ``answer`` (generated tasks); other
+    fields (e.g. ``solution``) go to :attr:`Problem.extra`."""
+    core = {"id", "problem", "answer", "source"}
     return [Problem(id=str(r["id"]), problem=r["problem"], answer=str(r["answer"]),
-                    source=str(r.get("source", "")), extra={}) for r in rows]
+                    source=str(r.get("source", "")), extra={k: v for k, v in r.items() if k not in core})
+            for r in rows]
 
 
 # --------------------------------------------------------------------------- row conversion

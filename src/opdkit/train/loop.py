@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from opdkit.config import Config, save_config, to_dict
+from opdkit.runtime.models import load_tokenizer
 from opdkit.train import checkpoint as ckpt
 from opdkit.train.plan import check_world, format_plan, resolve_plan
 from opdkit.train.rundir import RunDirError, RunRecord, open_run, read_run, truncate_metrics
@@ -70,9 +71,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_f
         log(f"--resume: the run in {out_dir} already finished its {run.finished_step} rollout steps; "
             f"nothing to do (raise train.train_steps to extend it)")
         return out_dir / "final"
+    # Prompts first (they need only the tokenizer): a teacher.context the data cannot fill fails before any
+    # model loads (preflight.check_context).
+    source = prompt_source(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.student,
+                                               trust_remote_code=cfg.model.trust_remote_code))
     student, teacher, tok, vocab = load_models(cfg, acc.device)
     t = trainer_from_parts(cfg, student, teacher, tok, vocab=vocab, acc=acc)
-    source = prompt_source(cfg, tok)
     start = _restore(t, source, out_dir, run, resume=resume, log=log)
     logger = _start_logging(t, source, out_dir, run, start, resume=resume, log=log)
     bar = _progress_bar(cfg, start) if acc.is_main_process else None
@@ -82,7 +86,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_f
             # Every process takes the same prompts from the shared order and keeps its own slice.
             pos = source.next(cfg.rollout.prompts_per_step)[t.rank::t.world]
             prompts = StepPrompts([source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
-                                  [source.indices[i] for i in pos])
+                                  [source.indices[i] for i in pos],
+                                  [source.teacher_ids[i] for i in pos] if source.teacher_ids else None)
             rec = rollout_step(t, step, prompts, on_update=lambda m, s=step: _on_update(t, s, m, logger, bar, log))
             _on_step(t, rec, logger, bar, log)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \

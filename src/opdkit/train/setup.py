@@ -148,21 +148,29 @@ def _apply_lora(cfg: Config, model):
 
 def load_models(cfg: Config, device: torch.device):
     """(student, teacher, student tokenizer, shared vocabulary size). The student keeps float32 master
-    weights; the frozen teacher is bf16 on a GPU ("auto", see :mod:`opdkit.runtime.models`)."""
+    weights; the frozen teacher is bf16 on a GPU ("auto", see :mod:`opdkit.runtime.models`).
+
+    ``model.teacher = self`` loads ``model.student`` again as the frozen teacher (the initial student, also on
+    resume); ``self-current`` returns the student itself, which teacher scoring runs under ``no_grad``."""
     m = cfg.model
     tok = load_tokenizer(m.tokenizer or m.student, trust_remote_code=m.trust_remote_code)
-    teacher_tok = load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code)
+    teacher_path = m.student if m.teacher == "self" else m.teacher
     student = load_model(m.student, dtype=auto_dtype(m.dtype, device, trains=True), device=device,
                          trust_remote_code=m.trust_remote_code)
-    teacher = load_model(m.teacher, dtype=auto_dtype(m.teacher_dtype, device), device=device,
-                         trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
-    # One vocabulary for both: the teacher scores the student's token ids (a padded embedding is cut).
-    vocab = check_tokenizers(tok, teacher_tok, student_vocab_size=student.get_output_embeddings().weight.shape[0],
-                             teacher_vocab_size=teacher.get_output_embeddings().weight.shape[0])
+    teacher, vocab = student, student.get_output_embeddings().weight.shape[0]
+    if m.teacher != "self-current":
+        teacher_tok = load_tokenizer(m.tokenizer or m.student if m.teacher == "self" else teacher_path,
+                                     trust_remote_code=m.trust_remote_code)
+        teacher = load_model(teacher_path, dtype=auto_dtype(m.teacher_dtype, device), device=device,
+                             trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+        # One vocabulary for both: the teacher scores the student's token ids (a padded embedding is cut).
+        vocab = check_tokenizers(tok, teacher_tok, student_vocab_size=vocab,
+                                 teacher_vocab_size=teacher.get_output_embeddings().weight.shape[0])
     if m.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     if m.lora_r:
         student = _apply_lora(cfg, student)
+        teacher = student if m.teacher == "self-current" else teacher
     return student, teacher, tok, vocab
 
 
@@ -171,7 +179,8 @@ def prompt_source(cfg: Config, tok) -> PromptSource:
     problems = load_problems(d.train_file, data_dir=d.data_dir, hf_dataset=d.hf_dataset, hf_split=d.hf_split,
                              problem_field=d.problem_field, answer_field=d.answer_field)
     return PromptSource.build(problems, tok, template=d.prompt_template, chat_template=d.chat_template,
-                              max_prompt_tokens=d.max_prompt_tokens, seed=cfg.train.seed, shuffle=d.shuffle)
+                              max_prompt_tokens=d.max_prompt_tokens, seed=cfg.train.seed, shuffle=d.shuffle,
+                              context=cfg.teacher.context, hint_lines=cfg.teacher.hint_lines)
 
 
 def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None, acc=None, eos_ids=None,

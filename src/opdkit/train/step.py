@@ -23,7 +23,7 @@ import torch
 
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.sampler import sample_rollouts
-from opdkit.rollout.teacher import score_with_teacher
+from opdkit.rollout.teacher import score_with_teacher, with_prompts
 from opdkit.train.behaviour import recompute_behaviour_logprobs
 from opdkit.train.setup import Trainer, pass_order, teacher_sample_seed
 from opdkit.train.sg_opd import alpha_at, nll_share, teacher_phase
@@ -37,6 +37,7 @@ class StepPrompts:
     ids: list[list[int]]
     answers: list[str] | None = None
     indices: list[int] | None = None
+    teacher_ids: list[list[int]] | None = None  # the teacher's prompts under teacher.context (None: ids)
 
 
 def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) -> dict:
@@ -55,7 +56,8 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     with t.autocast:
         batch = score_with_teacher(t.teacher, batch, topk=t.cfg.loss.topk if t.spec.loss.needs_support else 0,
                                    microbatch_size=t.cfg.train.teacher_microbatch_size,
-                                   chunk_size=t.cfg.train.logprob_chunk_size, vocab_limit=t.vocab)
+                                   chunk_size=t.cfg.train.logprob_chunk_size, vocab_limit=t.vocab,
+                                   prompts=teacher_rows(prompts, t.sampling.samples_per_prompt))
     sg_rec = {}
     if t.advantage_fn is not None:
         batch, sg_rec = t.advantage_fn(batch)
@@ -66,6 +68,13 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     t4 = time.perf_counter()
     times = {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2, "time/update": t4 - t3}
     return step_record(t, step, batch, upd, times) | sg_rec | behaviour
+
+
+def teacher_rows(prompts: StepPrompts, samples_per_prompt: int) -> list[list[int]] | None:
+    """The teacher's prompt of every rollout row (rows are prompt-major), or None when it is the student's."""
+    if prompts.teacher_ids is None:
+        return None
+    return [p for p in prompts.teacher_ids for _ in range(samples_per_prompt)]
 
 
 def sample(t: Trainer, step: int, prompts: StepPrompts) -> RolloutBatch:
@@ -98,9 +107,12 @@ def endorsed_teacher_samples(t: Trainer, step: int, prompts: StepPrompts):
     gen = torch.Generator(device=t.generator.device).manual_seed(teacher_sample_seed(t.cfg.train.seed, step, t.rank))
     with t.autocast:
         sft, counts = teacher_phase(
-            t.teacher, prompts.ids, prompts.answers, samples_per_prompt=t.cfg.sg.teacher_samples_per_prompt,
+            t.teacher, prompts.teacher_ids or prompts.ids, prompts.answers,
+            samples_per_prompt=t.cfg.sg.teacher_samples_per_prompt,
             sampling=t.sampling, eos_token_ids=t.eos_ids, pad_token_id=t.pad_id, generator=gen,
             decode=lambda b: b.decode(t.tok), reward_fn=t.reward_fn)
+    if sft is not None and prompts.teacher_ids is not None:  # the teacher wrote under its context; the student
+        sft = with_prompts(sft, [prompts.ids[g] for g in sft.group_ids_B.tolist()], t.pad_id)  # learns its prompt
     return sft, alpha, {**counts, "sg_alpha": alpha}
 
 
