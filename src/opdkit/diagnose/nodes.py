@@ -157,32 +157,15 @@ def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: 
         futures = {name: (torch.zeros(len(union)), torch.zeros(len(union))) for name in teachers}
         n_tok, dt = 0, 0.0
         if open_u:
-            sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, max_new_tokens=cap,
-                                samples_per_prompt=params.m)
             gen = torch.Generator(device=device).manual_seed(node_seed(seed, rollout, t))
-            t0 = time.perf_counter()
-            batch = sample_rollouts(student, [prefix + [union[u]] for u in open_u], sp, eos_token_ids=eos_token_ids,
-                                    pad_token_id=pad_token_id, generator=gen)
-            dt = time.perf_counter() - t0
-            comp_ids = [r[m.bool()].tolist() for r, m in zip(batch.response_ids_BT.cpu(), batch.response_mask_BT.cpu())]
-            n_tok = sum(len(c) for c in comp_ids)
-            texts = [decode(list(response_ids[:t]) + [union[u]] + comp_ids[i * params.m + j])
-                     for i, u in enumerate(open_u) for j in range(params.m)]
-            r = torch.as_tensor(grade(texts, [answer] * len(texts)), dtype=torch.float32).view(len(open_u), params.m)
-            rewards_UM[open_u] = r
-            if params.minillm:
-                for name, teacher in teachers.items():
-                    rows = ([t_prompts[name] + list(response_ids[:t]) + [union[u]] for u in open_u
-                             for _ in range(params.m)]  # prompt-major, as sample_rollouts lays them out
-                            if name in (teacher_prompts or {}) else None)
-                    fs, fm = _future_log_ratio(teacher, batch, vocab, rows)
-                    futures[name][0][open_u] = fs.view(len(open_u), params.m).mean(dim=1)
-                    futures[name][1][open_u] = fm.view(len(open_u), params.m).mean(dim=1)
+            n_tok, dt = _complete_open(student, teachers, t_prompts, teacher_prompts or {}, response_ids[:t],
+                                       prefix, [union[u] for u in open_u], answer, cap, gen, rewards_UM, futures,
+                                       open_u, grade=grade, decode=decode, params=params, vocab=vocab,
+                                       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         closed = [u for u in range(len(union)) if u not in open_u]
         if closed:  # the forced token ends the response: one deterministic grade
             texts = [decode(list(response_ids[:t]) + [union[u]]) for u in closed]
-            r = torch.as_tensor(grade(texts, [answer] * len(texts)), dtype=torch.float32)
-            rewards_UM[closed] = r[:, None].expand(-1, params.m)
+            rewards_UM[closed] = torch.as_tensor(grade(texts, [answer] * len(texts)), dtype=torch.float32)[:, None]
         spent += n_tok
         out.append(NodeProbe(
             pos=t, sampled_id=sampled, union_ids_U=torch.as_tensor(union), student_logits_V=s_logits_NV[n],
@@ -193,6 +176,34 @@ def probe_rollout(student, teachers: dict, prompt_ids: list[int], response_ids: 
             future_mean={name: f[1] for name, f in futures.items()},
             completions=len(open_u) * params.m, completion_tokens=n_tok, sample_seconds=dt))
     return out
+
+
+def _complete_open(student, teachers: dict, t_prompts: dict, own_context: dict, head: list[int], prefix: list[int],
+                   forced: list[int], answer: str, cap: int, gen: torch.Generator, rewards_UM: torch.Tensor,
+                   futures: dict, open_u: list[int], *, grade: Grade, decode, params: ProbeParams, vocab: int,
+                   eos_token_ids: list[int], pad_token_id: int) -> tuple[int, float]:
+    """``params.m`` student completions after each forced candidate that does not end the response, graded
+    into ``rewards_UM[open_u]``; with ``params.minillm`` each teacher's future log-ratio into ``futures``.
+    Returns (completion tokens, sampling seconds)."""
+    sp = SamplingParams(temperature=params.temperature, top_p=params.top_p, max_new_tokens=cap,
+                        samples_per_prompt=params.m)
+    t0 = time.perf_counter()
+    batch = sample_rollouts(student, [prefix + [c] for c in forced], sp, eos_token_ids=eos_token_ids,
+                            pad_token_id=pad_token_id, generator=gen)
+    dt = time.perf_counter() - t0
+    comp_ids = [r[m.bool()].tolist() for r, m in zip(batch.response_ids_BT.cpu(), batch.response_mask_BT.cpu())]
+    texts = [decode(list(head) + [c] + comp_ids[i * params.m + j])
+             for i, c in enumerate(forced) for j in range(params.m)]
+    r = torch.as_tensor(grade(texts, [answer] * len(texts)), dtype=torch.float32).view(len(forced), params.m)
+    rewards_UM[open_u] = r
+    if params.minillm:
+        for name, teacher in teachers.items():
+            rows = ([t_prompts[name] + list(head) + [c] for c in forced for _ in range(params.m)]  # prompt-major,
+                    if name in own_context else None)  # as sample_rollouts lays them out
+            fs, fm = _future_log_ratio(teacher, batch, vocab, rows)
+            futures[name][0][open_u] = fs.view(len(forced), params.m).mean(dim=1)
+            futures[name][1][open_u] = fm.view(len(forced), params.m).mean(dim=1)
+    return sum(len(c) for c in comp_ids), dt
 
 
 def _future_log_ratio(teacher, batch: RolloutBatch, vocab: int,

@@ -46,26 +46,11 @@ def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbat
     score it; run :func:`opdkit.rollout.preflight.check_tokenizers` first).
     """
     _, weight_VH = decoder_and_head(teacher)
-    V = weight_VH.shape[0] if vocab_limit is None else int(vocab_limit)
-    if not 1 <= V <= weight_VH.shape[0]:
-        raise ValueError(f"vocab_limit must be in [1, {weight_VH.shape[0]}] (the teacher head), got {vocab_limit}")
-    if not 0 <= topk <= V:
-        raise ValueError(f"topk must be in [0, {V}] (the scored vocabulary), got {topk}")
-    if microbatch_size < 1:
-        raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
     student_batch = batch
     if prompts is not None:
         batch = with_prompts(batch, prompts)
-    mask_BT = batch.response_mask_BT.bool()
-    if batch.size and bool(mask_BT.any()):
-        hi = int(batch.response_ids_BT[mask_BT].max())
-        if hi >= V:
-            raise ValueError(f"response token id {hi} is outside the teacher's scored vocabulary [0, {V}); "
-                             "student and teacher vocabularies differ (see opdkit.rollout.preflight)")
-    n_emb = teacher.get_input_embeddings().weight.shape[0]
-    if batch.size and int(batch.input_ids().max()) >= n_emb:
-        raise ValueError(f"a prompt / padding token id ({int(batch.input_ids().max())}) is outside the "
-                         f"teacher's embedding [0, {n_emb})")
+    _check_inputs(teacher, batch, weight_VH.shape[0], topk=topk, microbatch_size=microbatch_size,
+                  vocab_limit=vocab_limit)
 
     B, T = batch.response_ids_BT.shape
     out_dev, dev = batch.response_ids_BT.device, weight_VH.device
@@ -99,6 +84,28 @@ def score_with_teacher(teacher, batch: RolloutBatch, *, topk: int = 32, microbat
         teacher.train(was_training)
     return replace(student_batch, teacher_logp_BT=logp_BT, teacher_lse_BT=lse_BT, teacher_topk_ids_BTK=top_ids_BTK,
                    teacher_topk_logits_BTK=top_logits_BTK)
+
+
+def _check_inputs(teacher, batch: RolloutBatch, head_rows: int, *, topk: int, microbatch_size: int,
+                  vocab_limit: int | None) -> None:
+    """One ValueError that names the bad argument, before any forward (:func:`score_with_teacher`)."""
+    V = head_rows if vocab_limit is None else int(vocab_limit)
+    if not 1 <= V <= head_rows:
+        raise ValueError(f"vocab_limit must be in [1, {head_rows}] (the teacher head), got {vocab_limit}")
+    if not 0 <= topk <= V:
+        raise ValueError(f"topk must be in [0, {V}] (the scored vocabulary), got {topk}")
+    if microbatch_size < 1:
+        raise ValueError(f"microbatch_size must be >= 1, got {microbatch_size}")
+    mask_BT = batch.response_mask_BT.bool()
+    if batch.size and bool(mask_BT.any()):
+        hi = int(batch.response_ids_BT[mask_BT].max())
+        if hi >= V:
+            raise ValueError(f"response token id {hi} is outside the teacher's scored vocabulary [0, {V}); "
+                             "student and teacher vocabularies differ (see opdkit.rollout.preflight)")
+    n_emb = teacher.get_input_embeddings().weight.shape[0]
+    if batch.size and int(batch.input_ids().max()) >= n_emb:
+        raise ValueError(f"a prompt / padding token id ({int(batch.input_ids().max())}) is outside the "
+                         f"teacher's embedding [0, {n_emb})")
 
 
 def _minimal(batch: RolloutBatch) -> RolloutBatch:
