@@ -11,6 +11,8 @@ import opdkit
 from opdkit.tasks.chain import (
     ALPHABET,
     BENCHMARK_KS,
+    BENCHMARK_SIZE,
+    LETTERS,
     ChainTask,
     answer_of,
     benchmarks,
@@ -90,6 +92,29 @@ def test_tokenizer_covers_every_generated_char():
         assert len(ids) == len(text)
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == text
+
+
+def test_prompt_lists_operations_in_order_so_the_stop_is_visible():
+    # The stop decision must be readable from the prompt: the ops are listed a, b, c, ... in order, so
+    # the last op of the prompt (right before its newline) is the trace's last step.
+    for name, rows in benchmarks(n=20).items():
+        for r in rows:
+            tags = [g[0] for g in r["problem"].split()[1:]]
+            assert tags == list(LETTERS[:BENCHMARK_KS[name]])
+            last_op = r["problem"].split()[-1]
+            assert r["solution"].split("\n")[-2].split()[1].startswith(last_op + "=")
+    train = make_train_prompts(50)
+    assert all([g[0] for g in r["problem"].split()[1:]] == list(LETTERS[:r["k"]]) for r in train)
+
+
+def test_benchmarks_have_enough_problems_and_other_seeds_differ():
+    assert BENCHMARK_SIZE >= 128  # README's tables: >= 128 problems per benchmark
+    rows = make_benchmark(12)
+    assert len(rows) == BENCHMARK_SIZE
+    assert rows[:64] == make_benchmark(12, 64)  # a smaller n is a prefix of the same stream
+    other = make_benchmark(12, seed=3, name="chain12@3")
+    assert other[0]["id"] == "chain12@3-0"
+    assert not {r["problem"] for r in rows} & {r["problem"] for r in other}
 
 
 def test_trace_length_k12():

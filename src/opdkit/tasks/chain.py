@@ -1,10 +1,10 @@
 """A synthetic, exactly verifiable, long-horizon task for the CPU miniature: modular op chains.
 
 A problem is a start value and a chain of ``k`` operations on a state modulo 100. Operation ``i`` is
-tagged by the letter ``LETTERS[i]`` and the tagged operations are listed in a random order, so the tag
-is the only way to find the next one::
+tagged by the letter ``LETTERS[i]`` and the prompt lists the tagged operations in order, so the last
+operation is the one right before the prompt's newline::
 
-    problem:   37 b*3 a+5 c-7
+    problem:   37 a+5 b*3 c-7
     solution:  37 a+5=42
                42 b*3=26
                26 c-7=19
@@ -17,15 +17,24 @@ The trace ends with ``answer: NN`` (no trailing newline; the model emits eos aft
 steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
 separated by newlines, which is what the NewlineSpan gate segments on.
 
+Why in order (the stop decision is visible): an earlier version listed the operations in a shuffled
+order, so a model had to know which letter was the last one to know where the chain ends; the shipped
+student could not, and on-policy distillation taught it "never stop" (README, "The CPU miniature").
+In order, the model finds step ``i``'s operation where step ``i - 1``'s ended in the prompt (a copy,
+as an induction head does) and sees that after the last one the prompt ends.
+
 Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
-by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it;
-one wrong step almost always ruins the answer, so accuracy falls geometrically with ``k``.
+(a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step
+almost always ruins the answer, so accuracy falls geometrically with ``k``.
 
 Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
 Python versions):
 
 * benchmarks ``chain8`` / ``chain12`` / ``chain16`` / ``chain24`` (playing MATH500 / AMC23 / AIME24 /
   AIME25): ``k`` fixed, ``BENCHMARK_SIZE`` rows each, stream ``"opdkit-chain-bench-{k}-{seed}"``;
+  :func:`make_benchmark` builds ``chainK`` for any ``K`` and any data seed (``opdkit eval --benchmarks
+  chain12@3``: seed 3, a stream disjoint in practice from the default seed's and from training, for checks
+  on problems the demo never sees);
 * training prompts: ``k`` uniform in ``TRAIN_K_RANGE`` = [4, 24] (inclusive), stream
   ``"opdkit-chain-train-{seed}"``; any problem text that occurs in a benchmark (default seed) is
   rejected, so training and held-out prompts are disjoint by construction.
@@ -54,7 +63,7 @@ ANSWER_PREFIX = "answer: "
 TRAIN_K_RANGE = (4, 24)
 BENCHMARK_KS = {"chain8": 8, "chain12": 12, "chain16": 16, "chain24": 24}
 BENCHMARK_ROLE = {"chain8": "MATH500", "chain12": "AMC23", "chain16": "AIME24", "chain24": "AIME25"}
-BENCHMARK_SIZE = 64
+BENCHMARK_SIZE = 256
 BENCHMARK_SEED = 0
 
 # Exactly the characters a prompt or a trace can contain.
@@ -92,8 +101,9 @@ def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | No
     return f"{start:02d}" + "".join(f" {_group(i, *ops[i])}" for i in order)
 
 
-def random_problem(rng: random.Random, k: int, shuffle: bool = True) -> str:
-    """A random problem text with ``k`` ops (listed in a random order when ``shuffle``)."""
+def random_problem(rng: random.Random, k: int, shuffle: bool = False) -> str:
+    """A random problem text with ``k`` ops (listed in tag order; in a random order when ``shuffle``,
+    the earlier design)."""
     start = rng.randrange(MOD)
     ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
     order = rng.sample(range(k), k) if shuffle else None
