@@ -111,7 +111,8 @@ def load_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
     from opdkit.tasks.chain import BENCHMARK_KS
 
     raise ValueError(f"unknown benchmark {key!r}; valid names: {', '.join(sorted(BENCHMARKS))}, the CPU miniature's "
-                     f"chainK for K in 1..26 or chainK@SEED for another data seed (held-out: {', '.join(BENCHMARK_KS)}), or a path to a .jsonl file")
+                     f"chainK for K in 1..26, chainK@SEED for another data seed (held-out: {', '.join(BENCHMARK_KS)}),"
+                     " or a path to a .jsonl file")
 
 
 def load_problem_sets(spec: str, data_dir: str | os.PathLike | None = None, limit: int = 0) -> dict[str, list[Problem]]:
