@@ -63,7 +63,8 @@ def run(args) -> int:
     from opdkit.demo.presets import VARIANTS, get_preset
     from opdkit.demo.runner import collapse_summary, run_all, shipped_models
     from opdkit.demo.traces import traces_table, training_table
-    from opdkit.eval.report import comparison_table, load_run, to_markdown, write_report
+    from opdkit.demo.tables import SE_NOTE, se_table
+    from opdkit.eval.report import load_run, to_markdown, write_report
     from opdkit.tasks.chain import make_train_prompts, write_jsonl
 
     out = Path(args.out)
@@ -125,9 +126,13 @@ def run(args) -> int:
     (out / "report" / "training.md").write_text(TRAINING_HEAD + train_md + "\n")
     (out / "report" / "training.json").write_text(json.dumps(train_stats, indent=1))
     wall = time.perf_counter() - t0
+    tables = []
     for metric in ("pass@1", f"pass@{preset.eval_n}"):
-        header, rows = comparison_table(records, metric=metric, group_seeds=True)
-        print(f"\n{metric} (%), {preset.eval_n} samples per problem:\n" + to_markdown(header, rows))
+        header, rows = se_table(records, metric)
+        tables.append(f"{metric} (%), {preset.eval_n} samples per problem, {preset.eval_problems} problems per "
+                      f"benchmark:\n\n" + to_markdown(header, rows))
+    (out / "report" / "table.md").write_text("\n\n".join(tables) + f"\n\n{SE_NOTE}\n")
+    print("\n" + "\n\n".join(tables) + f"\n({SE_NOTE})")
     print("\ncollapsed runs (mean pass@8 below half the base student's "
           f"{100 * collapse['base_mean']:.1f}%): " + ", ".join(
               f"{VARIANTS[n][0]} {v['collapsed']}/{v['runs']}" for n, v in collapse["variants"].items()))

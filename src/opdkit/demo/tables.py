@@ -16,21 +16,16 @@ import math
 import statistics
 
 from opdkit.eval.passk import pass_at_k_array
-from opdkit.eval.report import (
-    MISSING,
-    RunRecord,
-    all_benchmarks,
-    benchmark_value,
-    group_by_seed,
-)
+from opdkit.eval.runs import RunRecord, group_by_seed, problem_counts
+from opdkit.eval.tables import MISSING, all_benchmarks, benchmark_value
 
 
 def _problem_se(bench: dict, metric: str) -> float | None:
     """SE over problems of ``metric`` (``pass@K`` or ``avg@n``) from the stored per-problem counts."""
-    pp = bench.get("per_problem") or []
-    if len(pp) < 2:
+    counts = problem_counts(bench)
+    if counts is None or len(counts[0]) < 2:
         return None
-    n_P, c_P = [p["n"] for p in pp], [p["c"] for p in pp]
+    n_P, c_P = counts
     k = 1 if metric == "avg@n" else int(metric.split("@")[1])
     if min(n_P) < k:
         return None
