@@ -25,9 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", default="", help="comma-separated subset (default: the preset's)")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--from-scratch", action="store_true",
-                   help="rebuild the checkpoints first (one thread; the teacher alone took 13.3 min here)")
+                   help="rebuild the checkpoints first (one thread; README: build times)")
     p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
                                                 "shipped checkpoints")
+    p.add_argument("--eval-problems", type=int, default=0,
+                   help="problems per held-out benchmark (default: the preset's; the README's 3-seed tables: 128)")
     p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every variant, after the preset's (repeatable; a variant's own "
@@ -62,8 +64,8 @@ def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
 def run(args) -> int:
     from opdkit.demo.presets import VARIANTS, get_preset
     from opdkit.demo.runner import collapse_summary, run_all, shipped_models
-    from opdkit.demo.traces import traces_table, training_table
     from opdkit.demo.tables import SE_NOTE, se_table
+    from opdkit.demo.traces import traces_table, training_table
     from opdkit.eval.report import load_run, to_markdown, write_report
     from opdkit.tasks.chain import make_train_prompts, write_jsonl
 
@@ -72,6 +74,13 @@ def run(args) -> int:
         _prepare(out / "models")
         return 0
     preset = get_preset("quick" if args.quick else args.preset)
+    if args.eval_problems:
+        from opdkit.tasks.chain import BENCHMARK_SIZE
+
+        if not 2 <= args.eval_problems <= BENCHMARK_SIZE:
+            raise SystemExit(f"--eval-problems must be in 2..{BENCHMARK_SIZE} (the size of each benchmark), "
+                             f"got {args.eval_problems}")
+        preset = replace(preset, eval_problems=args.eval_problems)
     if args.set:
         bad = [x for x in args.set if "=" not in x]
         if bad:

@@ -3,16 +3,18 @@
 Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
 (solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
 (teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
-(drawn uniformly from ``TRAIN_K_RANGE``), so batches need no padding. The student is stopped early, at
-the start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
+(drawn uniformly from ``TRAIN_K_RANGE``); only the teacher's traces with a made-up extra step
+(``TEACHER_SLIPS``) make a batch ragged, and it is right-padded. The student is stopped early, at the
+start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
 
     python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
 
 writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokenizer), ``data/`` (the
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
-accuracies). Fixed seeds and data order make it reproducible for a given thread count: with the
-default single thread, ``--roles teacher`` (795 s) and the student recipe (``STUDENT_PHASES``, the same
-``sft`` calls) rebuilt the shipped ``model.safetensors`` files byte for byte (checked on 2026-12-01).
+accuracies). Fixed seeds and data order make it reproducible for a given thread count (the default
+single thread); the shipped files' reproducibility check and build times are in the README ("The CPU
+miniature"). The recipe changed in #13 (operations listed in order, the teacher's slip / extra-step
+traces), so checkpoints built before #13 are not what it builds.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
     next letter, or one of the prompt's, with a random op) and the answer is still the last step's
     state. Injected text is not trained on (``trained=False``: the model is not taught to slip), what
     follows it is: the teacher learns to go on correctly after a slip and to answer after an extra
-    step, the off-track prefixes on which on-policy distillation asks it. Both 0: ``[(solve(p), True)]``.
+    step, the off-track prefixes on which on-policy distillation asks it. Both 0: ``solve(p)`` line by
+    line, all trained.
     """
     x, ops = parse_problem(problem)
     slip_at = rng.randrange(len(ops)) if rng.random() < p_slip else -1
