@@ -8,8 +8,8 @@ line start after ``k-2``, ``k-1`` and ``k`` reference steps and after ``k+1`` an
 made-up ones). A good teacher for on-policy distillation says "go on" before step k, "stop" at step k,
 and still "stop" after an extra step the student made up (README, "The CPU miniature").
 
-    python benchmarks/stop_probe.py                                      # shipped teacher and student
-    python benchmarks/stop_probe.py --models OLD/teacher,OLD/student --shuffled  # checkpoints before #13
+    python benchmarks/stop_probe.py                                          # shipped teacher and student
+    python benchmarks/stop_probe.py --models DIR/teacher,DIR/student --ordered   # checkpoints of the ordered task
 """
 
 from __future__ import annotations
@@ -73,11 +73,17 @@ def stop_probs(model, tok, problems: list[str], seed: int = 0) -> dict[int, list
     return out
 
 
-def _problems(k: int, n: int, seed: int, shuffled: bool) -> list[str]:
-    if not shuffled:
+def _problems(k: int, n: int, seed: int, ordered: bool) -> list[str]:
+    """``n`` distinct problems of ``chainK@seed``; ``ordered``: the same stream with the operations in tag order."""
+    if not ordered:
         return [r["problem"] for r in make_benchmark(k, n, seed=seed)]
-    rng = random.Random(f"opdkit-stop-probe-shuffled-{k}-{seed}")
-    return [random_problem(rng, k, shuffle=True) for _ in range(n)]
+    rng = random.Random(f"opdkit-chain-bench-{k}-{seed}")  # make_benchmark's stream and draws
+    out: list[str] = []
+    while len(out) < n:
+        problem = random_problem(rng, rng.randint(k, k), shuffle=False)
+        if problem not in out:
+            out.append(problem)
+    return out
 
 
 def main() -> None:
@@ -90,12 +96,12 @@ def main() -> None:
     ap.add_argument("--ks", default="8,12,16,24", help="chain lengths probed")
     ap.add_argument("--problems", type=int, default=64, help="problems per chain length")
     ap.add_argument("--seed", type=int, default=1, help="data seed of the problems (held-out benchmarks: 0)")
-    ap.add_argument("--shuffled", action="store_true", help="list the prompt's operations in a shuffled order "
-                    "(the task before #13, to probe the checkpoints trained on it)")
+    ap.add_argument("--ordered", action="store_true", help="list the prompt's operations in tag order (the "
+                    "variant measured for #13; the shipped task shuffles them)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ks = [int(k) for k in a.ks.split(",")]
-    order = " (shuffled ops)" if a.shuffled else ""
+    order = " (ops in order)" if a.ordered else ""
     print(f"p(stop) at line starts, mean (min-max over problems); chainK@{a.seed}{order}, {a.problems} problems per K")
     print("| model | K | " + " | ".join(f"after k{o:+d}" if o else "after k" for o in OFFSETS) + " |")
     print("|:--|--:|" + "--:|" * len(OFFSETS))
@@ -103,7 +109,7 @@ def main() -> None:
         model = load_model(path, dtype="float32", device="cpu").eval()
         tok = load_tokenizer(path)
         for k in ks:
-            problems = _problems(k, a.problems, a.seed, a.shuffled)
+            problems = _problems(k, a.problems, a.seed, a.ordered)
             res = stop_probs(model, tok, problems, seed=a.seed)
             cells = [f"{statistics.fmean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in (res[o] for o in OFFSETS)]
             print(f"| {path} | {k} | " + " | ".join(cells) + " |", flush=True)

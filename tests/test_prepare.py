@@ -77,3 +77,17 @@ def test_encode_batch_masks_injected_text_and_pads():
     assert row[p + 9] == tok.convert_tokens_to_ids("\n") and tok.eos_token_id in row
     assert row[-1] == -100 and ids[0, -1].item() == tok.pad_token_id  # right padding is not trained
     assert (labels[1] != -100).sum().item() == len("12 a+3=15\n15 b+1=16\nanswer: 16") + 1
+
+
+def test_clean_segments_encode_exactly_as_the_plain_solution():
+    # slips (0, 0), the shipped recipe: the segmented encoding is the old one (solution tokens + eos, no padding)
+    tok = chain_tokenizer()
+    batch = next(P.train_batches(0, 4))
+    ids, labels = P.encode_batch(tok, batch)
+    from opdkit.tasks.chain import format_prompt, solve
+
+    for (problem, _segs), row, lab in zip(batch, ids.tolist(), labels.tolist()):
+        p = tok(format_prompt(problem), add_special_tokens=False).input_ids
+        r = tok(solve(problem), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert row == p + r and lab == [-100] * len(p) + r
+    assert P.TEACHER_SLIPS == (0.0, 0.0)

@@ -22,6 +22,7 @@ from opdkit.tasks.chain import (
     make_benchmark,
     make_train_prompts,
     parse_problem,
+    random_problem,
     read_jsonl,
     solve,
     trace_length,
@@ -94,17 +95,19 @@ def test_tokenizer_covers_every_generated_char():
         assert tok.decode(ids) == text
 
 
-def test_prompt_lists_operations_in_order_so_the_stop_is_visible():
-    # The stop decision must be readable from the prompt: the ops are listed a, b, c, ... in order, so
-    # the last op of the prompt (right before its newline) is the trace's last step.
+def test_operations_are_shuffled_in_the_shipped_task_and_in_order_on_request():
+    # shipped task: the tags are a permutation of a.. (the order is shuffled); shuffle=False lists them in order
+    import random
+
     for name, rows in benchmarks(n=20).items():
-        for r in rows:
-            tags = [g[0] for g in r["problem"].split()[1:]]
-            assert tags == list(LETTERS[:BENCHMARK_KS[name]])
-            last_op = r["problem"].split()[-1]
-            assert r["solution"].split("\n")[-2].split()[1].startswith(last_op + "=")
-    train = make_train_prompts(50)
-    assert all([g[0] for g in r["problem"].split()[1:]] == list(LETTERS[:r["k"]]) for r in train)
+        tags = [[g[0] for g in r["problem"].split()[1:]] for r in rows]
+        assert all(sorted(t) == list(LETTERS[:BENCHMARK_KS[name]]) for t in tags)
+        assert any(t != sorted(t) for t in tags)
+    rng = random.Random(0)
+    for k in (3, 8, 24):
+        problem = random_problem(rng, k, shuffle=False)
+        assert [g[0] for g in problem.split()[1:]] == list(LETTERS[:k])
+        assert solve(problem).split("\n")[-2].split()[1].startswith(problem.split()[-1] + "=")
 
 
 def test_benchmarks_have_enough_problems_and_other_seeds_differ():

@@ -1,10 +1,10 @@
 """A synthetic, exactly verifiable, long-horizon task for the CPU miniature: modular op chains.
 
 A problem is a start value and a chain of ``k`` operations on a state modulo 100. Operation ``i`` is
-tagged by the letter ``LETTERS[i]`` and the prompt lists the tagged operations in order, so the last
-operation is the one right before the prompt's newline::
+tagged by the letter ``LETTERS[i]`` and the tagged operations are listed in a random order, so the tag
+is the only way to find the next one::
 
-    problem:   37 a+5 b*3 c-7
+    problem:   37 b*3 a+5 c-7
     solution:  37 a+5=42
                42 b*3=26
                26 c-7=19
@@ -17,14 +17,13 @@ The trace ends with ``answer: NN`` (no trailing newline; the model emits eos aft
 steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
 separated by newlines, which is what the NewlineSpan gate segments on.
 
-Why in order (the stop decision is visible): an earlier version listed the operations in a shuffled
-order, so a model had to know which letter was the last one to know where the chain ends; the shipped
-student could not, and on-policy distillation taught it "never stop" (README, "The CPU miniature").
-In order, the model finds step ``i``'s operation where step ``i - 1``'s ended in the prompt (a copy,
-as an induction head does) and sees that after the last one the prompt ends.
+Listed in order (``random_problem(..., shuffle=False)``, not shipped): then the last operation is the one
+right before the prompt's newline, so the stop decision is visible. Measured for #13 (README, "The CPU
+miniature"): a teacher built that way with slip / extra-step traces says "stop" after a made-up extra
+step, but it is a much weaker teacher at long horizons, so the shipped task keeps the shuffled order.
 
 Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
-(a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step
+by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step
 almost always ruins the answer, so accuracy falls geometrically with ``k``.
 
 Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
@@ -101,9 +100,9 @@ def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | No
     return f"{start:02d}" + "".join(f" {_group(i, *ops[i])}" for i in order)
 
 
-def random_problem(rng: random.Random, k: int, shuffle: bool = False) -> str:
-    """A random problem text with ``k`` ops (listed in tag order; in a random order when ``shuffle``,
-    the earlier design)."""
+def random_problem(rng: random.Random, k: int, shuffle: bool = True) -> str:
+    """A random problem text with ``k`` ops, listed in a random order when ``shuffle`` (the shipped task),
+    else in tag order."""
     start = rng.randrange(MOD)
     ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
     order = rng.sample(range(k), k) if shuffle else None

@@ -3,8 +3,8 @@
 Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
 (solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
 (teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
-(drawn uniformly from ``TRAIN_K_RANGE``); only the teacher's traces with a made-up extra step
-(``TEACHER_SLIPS``) make a batch ragged, and it is right-padded. The student is stopped early, at the
+(drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, off in the
+shipped recipe) make a batch ragged, and it is right-padded. The student is stopped early, at the
 start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
 
     python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
@@ -13,8 +13,7 @@ writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokeniz
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
 accuracies). Fixed seeds and data order make it reproducible for a given thread count (the default
 single thread); the shipped files' reproducibility check and build times are in the README ("The CPU
-miniature"). The recipe changed in #13 (operations listed in order, the teacher's slip / extra-step
-traces), so checkpoints built before #13 are not what it builds.
+miniature"). With ``TEACHER_SLIPS = (0, 0)`` the recipe trains on exactly the clean traces it always did.
 """
 
 from __future__ import annotations
@@ -287,11 +286,11 @@ CURRICULUM_STUDENT_SPEC = TinyQwen3Spec(vocab_size=VOCAB, hidden_size=64, num_la
                                         max_position_embeddings=1024)
 
 
-# The teacher also learns from off-track traces (``slipped_solution``): a quarter of its traces have one
-# wrong step result it must go on from, a quarter a made-up line after the last step it must answer
-# after. Trained on clean traces only, the earlier teacher said "continue" after a made-up extra step
-# (q(answer) 0.003-0.011), so OPD taught the student not to stop. The student learns from clean traces.
-TEACHER_SLIPS = (0.25, 0.25)
+# ``(p_slip, p_extra)`` of the teacher's off-track traces (``slipped_solution``): off in the shipped recipe.
+# Measured for #13 with (0.25, 0.25) and the operations listed in order (README, "The CPU miniature"): the
+# teacher's p(stop) after one made-up extra step rose from 0.002-0.004 to 0.97-1.00, but its greedy accuracy
+# fell to 71 / 67 / 63 / 2 % on chain8 / 12 / 16 / 24 (wrong operation fetched from line 16 on at k = 24).
+TEACHER_SLIPS = (0.0, 0.0)
 
 
 def train_curriculum(spec: TinyQwen3Spec, tok, model_seed: int, phases, *, progress: bool = True,
