@@ -73,8 +73,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pass@8 (%)" in out and "base student" in out and "LSM+NewlineSpan" in out
+    assert " ± " in out  # standard errors next to the means
     for f in ("report.md", "report.csv", "bars.png", "passk.png", "training.png", "collapse.json", "traces.md",
-              "training.md"):
+              "training.md", "table.md"):
         assert (tmp_path / "report" / f).is_file(), f
     assert "| base student | 1 |" in (tmp_path / "report" / "traces.md").read_text()
     assert "| OPD-seed0 |" in (tmp_path / "report" / "training.md").read_text()
@@ -195,3 +196,36 @@ def test_demo_refuses_an_earlier_runs_out_without_resume_or_overwrite(tmp_path):
     with pytest.raises(SystemExit, match="pass one"):
         main(["demo", "--quick", "--out", str(tmp_path), "--resume", "--overwrite"])
     assert (tmp_path / "runs" / "opd-seed0").is_dir()
+
+
+def _record(label, per_bench):
+    """A RunRecord with per-problem (n, c) counts: ``{bench: [c, ...]}`` at n = 8."""
+    from pathlib import Path
+
+    from opdkit.eval.runs import RunRecord
+
+    return RunRecord(label, Path("."), {"benchmarks": {b: {"per_problem": [{"n": 8, "c": c} for c in cs]}
+                                                       for b, cs in per_bench.items()}})
+
+
+def test_se_table_one_run_se_over_problems_and_seeds_se_over_seeds():
+    import math
+    import statistics
+
+    from opdkit.demo.tables import se_table
+
+    base = _record("base", {"x": [0, 8, 4, 0], "y": [8, 8, 0, 0]})
+    seeds = [_record(f"opd-seed{s}", {"x": [s, 8, 8, 0], "y": [8, 8, 8, s]}) for s in range(3)]
+    header, rows = se_table([base, *seeds], "pass@1")
+    assert header == ["run", "seeds", "x", "y", "mean"]
+    by = {r[0]: r for r in rows}
+    # one run: SE over problems of the per-problem pass@1 = c / n, ddof = 1
+    px, py = [0, 1, 0.5, 0], [1, 1, 0, 0]
+    se_x, se_y = (statistics.stdev(v) / 2 for v in (px, py))
+    assert by["base"][1] == "1" and by["base"][2] == f"{100 * statistics.fmean(px):.1f} ± {100 * se_x:.1f}"
+    assert by["base"][4] == f"{100 * (statistics.fmean(px) + statistics.fmean(py)) / 2:.1f} ± " \
+                            f"{100 * math.sqrt(se_x ** 2 + se_y ** 2) / 2:.1f}"
+    # seeds: mean over seeds and SE = std / sqrt(seeds) of the seeds' values
+    xs = [(s / 8 + 2) / 4 for s in range(3)]
+    assert by["opd"][1] == "3" and by["opd"][2] == f"{100 * statistics.fmean(xs):.1f} ± " \
+                                                   f"{100 * statistics.stdev(xs) / math.sqrt(3):.1f}"

@@ -34,3 +34,60 @@ def test_sft_is_reproducible_and_stops_early():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seeds, same data order: same weights
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # stopped after 3 of 6 steps
     assert log_a["losses"][0][0] == 0 and log_a["final_loss_ema"] > 0
+
+
+def test_slipped_solution_trains_only_on_recovery():
+    import random
+
+    from opdkit.tasks.chain import answer_of, random_problem, solve
+
+    rng = random.Random(0)
+    problem = random_problem(rng, 6)
+    clean = P.slipped_solution(problem, rng)
+    assert "".join(t for t, _ in clean) == solve(problem) and all(tr for _, tr in clean)
+    slips = extras = 0
+    for _ in range(200):
+        segs = P.slipped_solution(problem, rng, 0.5, 0.5)
+        text = "".join(t for t, _ in segs)
+        lines = text.split("\n")
+        untrained = [t for t, tr in segs if not tr]
+        extras += len(lines) == 8
+        slips += any(len(t) == 2 for t in untrained)
+        # the injected text (a wrong result, a made-up line) is never a training target ...
+        assert all(len(t) == 2 or (len(t) == 10 and t.endswith("\n")) for t in untrained)
+        # ... and every step after it goes on from what is written: state copied, op applied correctly
+        for prev, line in zip(lines[:-2], lines[1:-1]):
+            assert line[:2] == prev[-2:]
+        assert lines[-1] == "answer: " + lines[-3 if len(lines) == 8 else -2][-2:]
+        if not untrained:
+            assert lines[-1] == "answer: " + answer_of(problem)
+    assert 60 < slips < 140 and 60 < extras < 140
+
+
+def test_encode_batch_masks_injected_text_and_pads():
+    tok = chain_tokenizer()
+    batch = [("12 a+3", [("12 a+3=", True), ("99", False), ("\n", True), ("answer: 99", True)]),
+             ("12 a+3 b+1", [("12 a+3=15\n", True), ("15 b+1=16\n", True), ("answer: 16", True)])]
+    ids, labels = P.encode_batch(tok, batch)
+    assert ids.shape == labels.shape and ids.shape[0] == 2
+    row = labels[0].tolist()
+    p = len("12 a+3\n")
+    assert row[:p] == [-100] * p  # prompt
+    assert row[p + 7:p + 9] == [-100, -100]  # the slipped result
+    assert row[p + 9] == tok.convert_tokens_to_ids("\n") and tok.eos_token_id in row
+    assert row[-1] == -100 and ids[0, -1].item() == tok.pad_token_id  # right padding is not trained
+    assert (labels[1] != -100).sum().item() == len("12 a+3=15\n15 b+1=16\nanswer: 16") + 1
+
+
+def test_clean_segments_encode_exactly_as_the_plain_solution():
+    # slips (0, 0), the shipped recipe: the segmented encoding is the old one (solution tokens + eos, no padding)
+    tok = chain_tokenizer()
+    batch = next(P.train_batches(0, 4))
+    ids, labels = P.encode_batch(tok, batch)
+    from opdkit.tasks.chain import format_prompt, solve
+
+    for (problem, _segs), row, lab in zip(batch, ids.tolist(), labels.tolist()):
+        p = tok(format_prompt(problem), add_special_tokens=False).input_ids
+        r = tok(solve(problem), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert row == p + r and lab == [-100] * len(p) + r
+    assert P.TEACHER_SLIPS == (0.0, 0.0)

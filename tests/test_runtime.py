@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opdkit.runtime.benchmarks import chain_k, is_chain, load_benchmark, load_problem_sets
+from opdkit.runtime.benchmarks import chain_k, chain_spec, is_chain, load_benchmark, load_problem_sets
 from opdkit.runtime.graders import GRADERS, REWARD_CHOICES, as_reward_fn, get_grader, resolve_grader, reward_fn
 from opdkit.runtime.models import auto_dtype, eos_token_ids, resolve_device
 from opdkit.runtime.prompts import CHAIN_TEMPLATE, QWEN_MATH_TEMPLATE, PromptSettings, chat_setting, format_prompt
@@ -68,6 +68,21 @@ def test_chain_sets_for_any_k_through_one_loader():
     assert is_chain(sets["chain3"]) and chain_k("chain12") == 12 and chain_k("math500") is None
     with pytest.raises(ValueError, match="1..26"):
         load_benchmark("chain99")
+
+
+def test_chain_sets_from_another_data_seed():
+    # chainK@SEED: the task at any horizon from a data seed the demo never evaluates
+    assert chain_spec("chain12") == (12, 0) and chain_spec("chain5@7") == (5, 7) and chain_spec("aime24") is None
+    assert chain_k("chain5@7") == 5
+    other, held = load_benchmark("chain5@7"), load_benchmark("chain5")
+    assert other[0].id == "chain5@7-0" and len(other) == len(held)
+    assert all(len(p.problem.split()) == 6 for p in other)
+    assert not {p.problem for p in other} & {p.problem for p in held}
+    assert [p.problem for p in load_benchmark("chain5@0")] == [p.problem for p in held]
+    sets = load_problem_sets("chain9@2", limit=3)
+    assert list(sets) == ["chain9@2"] and len(sets["chain9@2"]) == 3
+    with pytest.raises(ValueError, match="1..26"):
+        load_benchmark("chain40@1")
 
 
 def test_chain_grader_extracts_what_it_grades():

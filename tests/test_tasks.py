@@ -11,6 +11,8 @@ import opdkit
 from opdkit.tasks.chain import (
     ALPHABET,
     BENCHMARK_KS,
+    BENCHMARK_SIZE,
+    LETTERS,
     ChainTask,
     answer_of,
     benchmarks,
@@ -20,6 +22,7 @@ from opdkit.tasks.chain import (
     make_benchmark,
     make_train_prompts,
     parse_problem,
+    random_problem,
     read_jsonl,
     solve,
     trace_length,
@@ -90,6 +93,31 @@ def test_tokenizer_covers_every_generated_char():
         assert len(ids) == len(text)
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == text
+
+
+def test_operations_are_shuffled_in_the_shipped_task_and_in_order_on_request():
+    # shipped task: the tags are a permutation of a.. (the order is shuffled); shuffle=False lists them in order
+    import random
+
+    for name, rows in benchmarks(n=20).items():
+        tags = [[g[0] for g in r["problem"].split()[1:]] for r in rows]
+        assert all(sorted(t) == list(LETTERS[:BENCHMARK_KS[name]]) for t in tags)
+        assert any(t != sorted(t) for t in tags)
+    rng = random.Random(0)
+    for k in (3, 8, 24):
+        problem = random_problem(rng, k, shuffle=False)
+        assert [g[0] for g in problem.split()[1:]] == list(LETTERS[:k])
+        assert solve(problem).split("\n")[-2].split()[1].startswith(problem.split()[-1] + "=")
+
+
+def test_benchmarks_have_enough_problems_and_other_seeds_differ():
+    assert BENCHMARK_SIZE >= 128  # README's tables: >= 128 problems per benchmark
+    rows = make_benchmark(12)
+    assert len(rows) == BENCHMARK_SIZE
+    assert rows[:64] == make_benchmark(12, 64)  # a smaller n is a prefix of the same stream
+    other = make_benchmark(12, seed=3, name="chain12@3")
+    assert other[0]["id"] == "chain12@3-0"
+    assert not {r["problem"] for r in rows} & {r["problem"] for r in other}
 
 
 def test_trace_length_k12():

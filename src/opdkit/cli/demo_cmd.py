@@ -25,9 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", default="", help="comma-separated subset (default: the preset's)")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--from-scratch", action="store_true",
-                   help="rebuild the checkpoints first (one thread; the teacher alone took 13.3 min here)")
+                   help="rebuild the checkpoints first (one thread; README: build times)")
     p.add_argument("--models", default="", help="directory with teacher/ and student/ to use instead of the "
                                                 "shipped checkpoints")
+    p.add_argument("--eval-problems", type=int, default=0,
+                   help="problems per held-out benchmark (default: the preset's; the README's 3-seed tables: 128)")
     p.add_argument("--train-prompts", type=int, default=4000, help="training prompts written for the run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every variant, after the preset's (repeatable; a variant's own "
@@ -38,19 +40,6 @@ def add_parser(sub) -> None:
                                                             "everything again")
 
 
-TRACES_HEAD = ("# How the evaluated traces end\n\nPercent of all evaluated samples (every benchmark, every seed): "
-               "stopped before step k, wrote exactly k steps, ran past step k; the mean fraction of leading "
-               "steps equal to the reference; correct answers (avg@n).\n\n")
-
-
-TRAINING_HEAD = ("# Training summary\n\nPer run, the mean of the first -> last 5 rollout steps (metrics.jsonl): the "
-                 "sampled-token reverse KL to the teacher (nats/token), the mean |drift| between the behaviour "
-                 "and current student, the smallest drift gate, the training solve rate and the share of "
-                 "responses cut at max_new_tokens; and the largest mean |drift| of any step. Every run of a seed "
-                 "sees the same prompts in the same order, and the prompt mix (k = 4..24) moves these "
-                 "numbers from step to step: compare rows at the same step, not first with last.\n\n")
-
-
 def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
     from opdkit.tasks.prepare import prepare_miniature
 
@@ -59,18 +48,18 @@ def _prepare(out: Path, print_fn=print) -> tuple[Path, Path]:
     return out / "student", out / "teacher"
 
 
-def run(args) -> int:
-    from opdkit.demo.presets import VARIANTS, get_preset
-    from opdkit.demo.runner import collapse_summary, run_all, shipped_models
-    from opdkit.demo.traces import traces_table, training_table
-    from opdkit.eval.report import comparison_table, load_run, to_markdown, write_report
-    from opdkit.tasks.chain import make_train_prompts, write_jsonl
+def _preset(args):
+    """The preset with the command line's --eval-problems and --set applied (both checked here, before any job)."""
+    from opdkit.demo.presets import get_preset
 
-    out = Path(args.out)
-    if args.action == "prepare":
-        _prepare(out / "models")
-        return 0
     preset = get_preset("quick" if args.quick else args.preset)
+    if args.eval_problems:
+        from opdkit.tasks.chain import BENCHMARK_SIZE
+
+        if not 2 <= args.eval_problems <= BENCHMARK_SIZE:
+            raise SystemExit(f"--eval-problems must be in 2..{BENCHMARK_SIZE} (the size of each benchmark), "
+                             f"got {args.eval_problems}")
+        preset = replace(preset, eval_problems=args.eval_problems)
     if args.set:
         bad = [x for x in args.set if "=" not in x]
         if bad:
@@ -83,6 +72,11 @@ def run(args) -> int:
             load_config(None, [*preset.train], need_models=False)
         except ConfigError as e:
             raise SystemExit(f"--set: {e}") from None
+    return preset
+
+
+def _check_out(args, out: Path) -> None:
+    """Never mix two demo runs in one --out: an earlier run's jobs are kept (--resume) or deleted (--overwrite)."""
     runs_dir = out / "runs"
     if runs_dir.is_dir() and any(runs_dir.iterdir()):
         if args.resume and args.overwrite:
@@ -95,6 +89,20 @@ def run(args) -> int:
 
             shutil.rmtree(runs_dir)
             print(f"--overwrite: removed the earlier demo jobs in {runs_dir}")
+
+
+def run(args) -> int:
+    from opdkit.demo.presets import VARIANTS
+    from opdkit.demo.report import write_demo_report
+    from opdkit.demo.runner import run_all, shipped_models
+    from opdkit.tasks.chain import make_train_prompts, write_jsonl
+
+    out = Path(args.out)
+    if args.action == "prepare":
+        _prepare(out / "models")
+        return 0
+    preset = _preset(args)
+    _check_out(args, out)
     t0 = time.perf_counter()
     if args.from_scratch:
         student, teacher = _prepare(out / "models")
@@ -108,30 +116,13 @@ def run(args) -> int:
           + f"\n  eval: {preset.eval_problems} problems x {preset.eval_n} samples on {', '.join(preset.benchmarks)}")
     runs = run_all(preset, out=out, seeds=args.seeds, jobs=args.jobs, variants=variants, student=student,
                    teacher=teacher, data=data, resume=args.resume)
-    order = ["base"] + [f"{v}-seed{s}" for v in variants for s in range(args.seeds)] + ["teacher"]
-    records = [load_run(runs[k] / "eval") for k in order]
-    for k, r in zip(order, records):  # training curves live next to the eval dir
-        m = runs[k] / "metrics.jsonl"
-        r.metrics_path = m if m.is_file() else None
-    paths = write_report(records, out / "report", metric=f"pass@{preset.eval_n}", group_seeds=True,
-                         title=f"opdkit demo ({preset.name})")
-    collapse = collapse_summary(runs, f"pass@{preset.eval_n}")
-    (out / "report" / "collapse.json").write_text(json.dumps(collapse, indent=1))
-    labels = {"base": "base student", "teacher": "teacher", **{v: VARIANTS[v][0] for v in variants}}
-    traces_md, traces = traces_table({k: runs[k] for k in order}, labels)
-    (out / "report" / "traces.md").write_text(TRACES_HEAD + traces_md + "\n")
-    (out / "report" / "traces.json").write_text(json.dumps(traces, indent=1))
-    train_md, train_stats = training_table({k: runs[k] for k in order}, labels)
-    (out / "report" / "training.md").write_text(TRAINING_HEAD + train_md + "\n")
-    (out / "report" / "training.json").write_text(json.dumps(train_stats, indent=1))
+    rep = write_demo_report(runs, variants, args.seeds, preset, out)
     wall = time.perf_counter() - t0
-    for metric in ("pass@1", f"pass@{preset.eval_n}"):
-        header, rows = comparison_table(records, metric=metric, group_seeds=True)
-        print(f"\n{metric} (%), {preset.eval_n} samples per problem:\n" + to_markdown(header, rows))
-    print("\ncollapsed runs (mean pass@8 below half the base student's "
-          f"{100 * collapse['base_mean']:.1f}%): " + ", ".join(
-              f"{VARIANTS[n][0]} {v['collapsed']}/{v['runs']}" for n, v in collapse["variants"].items()))
-    print(f"\ntraining, mean of the first -> last 5 rollout steps:\n{train_md}")
-    print(f"\nhow the evaluated traces end (% of all samples):\n{traces_md}")
-    print(f"\nwall time {wall / 60:.1f} min; report: " + ", ".join(str(p) for p in paths.values()))
+    print("\n" + rep.tables)
+    print("collapsed runs (mean pass@8 below half the base student's "
+          f"{100 * rep.collapse['base_mean']:.1f}%): " + ", ".join(
+              f"{VARIANTS[n][0]} {v['collapsed']}/{v['runs']}" for n, v in rep.collapse["variants"].items()))
+    print(f"\ntraining, mean of the first -> last 5 rollout steps:\n{rep.training_md}")
+    print(f"\nhow the evaluated traces end (% of all samples):\n{rep.traces_md}")
+    print(f"\nwall time {wall / 60:.1f} min; report: " + ", ".join(str(p) for p in rep.paths.values()))
     return 0

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", default="", help="tokenizer path or id (default: the model's)")
     p.add_argument("--benchmarks", default="aime24,aime25,math500,amc23",
                    help="comma-separated names: aime24, aime25, math500, amc23 (files in the data directory), "
-                        "chainK for any K in 1..26 (the CPU miniature), or .jsonl paths")
+                        "chainK for any K in 1..26 (the CPU miniature; chainK@SEED: from data seed SEED, "
+                        "problems the demo never evaluates), or .jsonl paths")
     p.add_argument("--data-dir", default="", help="directory of the math benchmark files (default: "
                                                   "$OPDKIT_DATA_DIR; they are not shipped)")
     p.add_argument("--n", type=int, default=8, help="samples per problem")

@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 
 from opdkit.eval.runs import read_metrics, seed_group_key
-from opdkit.runtime.benchmarks import load_benchmark
-from opdkit.tasks.chain import BENCHMARK_KS, trace_errors
+from opdkit.runtime.benchmarks import chain_spec, load_benchmark
+from opdkit.tasks.chain import trace_errors
 
 
 def _problems(names) -> dict[str, str]:
     out = {}
     for name in names:
-        if name in BENCHMARK_KS:
+        if chain_spec(name) is not None:  # chainK and chainK@SEED
             out.update({p.id: p.problem for p in load_benchmark(name)})
     return out
 

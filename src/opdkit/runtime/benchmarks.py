@@ -9,6 +9,8 @@ problems everywhere.
   ship them and does not guess a location; the error when they are missing says how to get them.
 * ``chainK`` for any ``K`` in ``1..26`` is the CPU miniature's task with ``K`` steps
   (:func:`opdkit.tasks.chain.make_benchmark`); ``chain8`` / ``12`` / ``16`` / ``24`` are its held-out sets.
+  ``chainK@SEED`` is the same task from data seed ``SEED`` (the held-out sets use seed 0): problems the
+  demo never evaluates.
 * Anything else is a path to a JSON Lines file.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from opdkit.runtime.problems import Problem, load_jsonl_problems, problems_from_rows
 
-__all__ = ["BENCHMARKS", "DATA_DIR_ENV", "GET_DATA", "chain_k", "is_chain", "load_benchmark",
+__all__ = ["BENCHMARKS", "DATA_DIR_ENV", "GET_DATA", "chain_k", "chain_spec", "is_chain", "load_benchmark",
            "load_problem_sets", "resolve_data_dir"]
 
 #: Short benchmark name -> file name inside the data directory.
@@ -45,7 +47,7 @@ GET_DATA = (
     "miniature needs none of them: its chainK sets are generated."
 )
 
-_CHAIN_RE = re.compile(r"chain(\d+)")
+_CHAIN_RE = re.compile(r"chain(\d+)(?:@(\d+))?")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -66,27 +68,34 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return p.resolve()
 
 
-def chain_k(name: str) -> int | None:
-    """``"chain12"`` -> 12 (any K in 1..26); None for other names. ``chainK`` with K out of range raises."""
-    m = _CHAIN_RE.fullmatch(name)
+def chain_spec(name: str) -> tuple[int, int] | None:
+    """``"chain12"`` -> ``(12, 0)``, ``"chain12@3"`` -> ``(12, 3)``: ``(K, data seed)`` for any K in 1..26;
+    None for other names. ``chainK`` with K out of range raises."""
+    m = _CHAIN_RE.fullmatch(str(name).strip())
     if not m:
         return None
-    from opdkit.tasks.chain import MAX_K
+    from opdkit.tasks.chain import BENCHMARK_SEED, MAX_K
 
     k = int(m.group(1))
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"unknown chain benchmark {name!r}: K must be in 1..{MAX_K}")
-    return k
+        raise ValueError(f"unknown chain benchmark {name!r}: K must be in 1..{MAX_K} (chainK or chainK@SEED)")
+    return k, int(m.group(2)) if m.group(2) is not None else BENCHMARK_SEED
+
+
+def chain_k(name: str) -> int | None:
+    """``"chain12"`` or ``"chain12@3"`` -> 12 (any K in 1..26); None for other names."""
+    spec = chain_spec(name)
+    return None if spec is None else spec[0]
 
 
 def load_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[Problem]:
     """One problem set: ``chainK``, a registered name (see :data:`BENCHMARKS`) or a .jsonl path."""
     key = str(name_or_path)
-    k = chain_k(key)
-    if k is not None:
+    spec = chain_spec(key)
+    if spec is not None:
         from opdkit.tasks.chain import make_benchmark
 
-        return problems_from_rows(make_benchmark(k))
+        return problems_from_rows(make_benchmark(spec[0], seed=spec[1], name=key.strip()))
     if key.lower() in BENCHMARKS:
         directory = resolve_data_dir(data_dir)
         path = directory / BENCHMARKS[key.lower()]
@@ -102,7 +111,8 @@ def load_benchmark(name_or_path: str | os.PathLike, data_dir: str | os.PathLike 
     from opdkit.tasks.chain import BENCHMARK_KS
 
     raise ValueError(f"unknown benchmark {key!r}; valid names: {', '.join(sorted(BENCHMARKS))}, the CPU miniature's "
-                     f"chainK for K in 1..26 (held-out: {', '.join(BENCHMARK_KS)}), or a path to a .jsonl file")
+                     f"chainK for K in 1..26, chainK@SEED for another data seed (held-out: {', '.join(BENCHMARK_KS)}),"
+                     " or a path to a .jsonl file")
 
 
 def load_problem_sets(spec: str, data_dir: str | os.PathLike | None = None, limit: int = 0) -> dict[str, list[Problem]]:

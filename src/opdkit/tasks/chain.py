@@ -17,15 +17,23 @@ The trace ends with ``answer: NN`` (no trailing newline; the model emits eos aft
 steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
 separated by newlines, which is what the NewlineSpan gate segments on.
 
+Listed in order (``random_problem(..., shuffle=False)``, not shipped): then the last operation is the one
+right before the prompt's newline, so the stop decision is visible. Measured for #13 (README, "The CPU
+miniature"): a teacher built that way with slip / extra-step traces says "stop" after a made-up extra
+step, but it is a much weaker teacher at long horizons, so the shipped task keeps the shuffled order.
+
 Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
-by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it;
-one wrong step almost always ruins the answer, so accuracy falls geometrically with ``k``.
+by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step
+almost always ruins the answer, so accuracy falls geometrically with ``k``.
 
 Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
 Python versions):
 
 * benchmarks ``chain8`` / ``chain12`` / ``chain16`` / ``chain24`` (playing MATH500 / AMC23 / AIME24 /
   AIME25): ``k`` fixed, ``BENCHMARK_SIZE`` rows each, stream ``"opdkit-chain-bench-{k}-{seed}"``;
+  :func:`make_benchmark` builds ``chainK`` for any ``K`` and any data seed (``opdkit eval --benchmarks
+  chain12@3``: seed 3, a stream disjoint in practice from the default seed's and from training, for checks
+  on problems the demo never sees);
 * training prompts: ``k`` uniform in ``TRAIN_K_RANGE`` = [4, 24] (inclusive), stream
   ``"opdkit-chain-train-{seed}"``; any problem text that occurs in a benchmark (default seed) is
   rejected, so training and held-out prompts are disjoint by construction.
@@ -54,7 +62,7 @@ ANSWER_PREFIX = "answer: "
 TRAIN_K_RANGE = (4, 24)
 BENCHMARK_KS = {"chain8": 8, "chain12": 12, "chain16": 16, "chain24": 24}
 BENCHMARK_ROLE = {"chain8": "MATH500", "chain12": "AMC23", "chain16": "AIME24", "chain24": "AIME25"}
-BENCHMARK_SIZE = 64
+BENCHMARK_SIZE = 256
 BENCHMARK_SEED = 0
 
 # Exactly the characters a prompt or a trace can contain.
@@ -93,7 +101,8 @@ def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | No
 
 
 def random_problem(rng: random.Random, k: int, shuffle: bool = True) -> str:
-    """A random problem text with ``k`` ops (listed in a random order when ``shuffle``)."""
+    """A random problem text with ``k`` ops, listed in a random order when ``shuffle`` (the shipped task),
+    else in tag order."""
     start = rng.randrange(MOD)
     ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
     order = rng.sample(range(k), k) if shuffle else None

@@ -3,16 +3,17 @@
 Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
 (solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
 (teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
-(drawn uniformly from ``TRAIN_K_RANGE``), so batches need no padding. The student is stopped early, at
-the start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
+(drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, off in the
+shipped recipe) make a batch ragged, and it is right-padded. The student is stopped early, at the
+start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
 
     python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
 
 writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokenizer), ``data/`` (the
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
-accuracies). Fixed seeds and data order make it reproducible for a given thread count: with the
-default single thread, ``--roles teacher`` (795 s) and the student recipe (``STUDENT_PHASES``, the same
-``sft`` calls) rebuilt the shipped ``model.safetensors`` files byte for byte (checked on 2026-12-01).
+accuracies). Fixed seeds and data order make it reproducible for a given thread count (the default
+single thread); the shipped files' reproducibility check and build times are in the README ("The CPU
+miniature"). With ``TEACHER_SLIPS = (0, 0)`` the recipe trains on exactly the clean traces it always did.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ import torch
 
 from opdkit.runtime.models import TinyQwen3Spec
 from opdkit.tasks.chain import (
+    ANSWER_PREFIX,
     BENCHMARK_KS,
     BENCHMARK_ROLE,
+    DIGITS,
     LETTERS,
+    MAX_K,
+    MOD,
+    OPS,
     TRAIN_K_RANGE,
     _held_out_problems,
+    apply_op,
     benchmarks,
     chain_tokenizer,
     format_prompt,
     grade_chain,
     make_train_prompts,
+    parse_problem,
     random_problem,
-    solve,
     trace_length,
     write_jsonl,
 )
@@ -58,9 +65,46 @@ BATCH_SIZE = 32
 WARMUP = 50
 
 
-def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE):
-    """Deterministic stream of ``[(problem, solution)] * batch_size`` lists sharing one k per batch."""
+def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
+                     p_extra: float = 0.0) -> list[tuple[str, bool]]:
+    """The solution of ``problem`` as ``[(text, trained)]`` segments, with injected off-track parts.
+
+    With probability ``p_slip`` one step's result is wrong (a random other value) and the trace goes on
+    from the written value; with probability ``p_extra`` one made-up line follows the last step (the
+    next letter, or one of the prompt's, with a random op) and the answer is still the last step's
+    state. Injected text is not trained on (``trained=False``: the model is not taught to slip), what
+    follows it is: the teacher learns to go on correctly after a slip and to answer after an extra
+    step, the off-track prefixes on which on-policy distillation asks it. Both 0: ``solve(p)`` line by
+    line, all trained.
+    """
+    x, ops = parse_problem(problem)
+    slip_at = rng.randrange(len(ops)) if rng.random() < p_slip else -1
+    extra = rng.random() < p_extra
+    segs: list[tuple[str, bool]] = []
+    for i, (op, d) in enumerate(ops):
+        y = apply_op(x, op, d)
+        head = f"{x:02d} {LETTERS[i]}{op}{d}="
+        if i == slip_at:
+            y = (y + rng.randrange(1, MOD)) % MOD
+            segs += [(head, True), (f"{y:02d}", False), ("\n", True)]
+        else:
+            segs.append((f"{head}{y:02d}\n", True))
+        x = y
+    if extra:
+        letter = rng.choice([LETTERS[min(len(ops), MAX_K - 1)], LETTERS[rng.randrange(len(ops))]])
+        op, d = rng.choice(OPS), rng.choice(DIGITS)
+        segs.append((f"{x:02d} {letter}{op}{d}={apply_op(x, op, d):02d}\n", False))
+    segs.append((f"{ANSWER_PREFIX}{x:02d}", True))
+    return segs
+
+
+def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE, slips: tuple[float, float] = (0.0, 0.0)):
+    """Deterministic stream of ``[(problem, segments)] * batch_size`` lists sharing one k per batch.
+
+    ``slips`` = ``(p_slip, p_extra)`` of :func:`slipped_solution`, drawn from a stream of their own so
+    the problems are the same with or without them."""
     rng = random.Random(f"opdkit-chain-sft-{seed}")
+    slip_rng = random.Random(f"opdkit-chain-slips-{seed}")
     held_out = _held_out_problems()
     while True:
         k = rng.randint(*k_range)
@@ -68,27 +112,40 @@ def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE):
         while len(batch) < batch_size:
             problem = random_problem(rng, k)
             if problem not in held_out:
-                batch.append((problem, solve(problem)))
+                batch.append((problem, slipped_solution(problem, slip_rng, *slips)))
         yield batch
 
 
 def encode_batch(tok, batch):
-    """Token ids ``[B, T]`` and labels (-100 on prompt tokens); all items share one length."""
+    """Token ids ``[B, T]`` and labels (-100 on prompt tokens, untrained segments and right padding).
+
+    Right padding needs no attention mask in a causal model: no real token attends to a later pad."""
     ids, labels = [], []
-    for problem, solution in batch:
+    for problem, segments in batch:
         p = tok(format_prompt(problem), add_special_tokens=False).input_ids
-        r = tok(solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids.append(p + r)
-        labels.append([-100] * len(p) + r)
+        row, lab = list(p), [-100] * len(p)
+        for text, trained in segments:
+            t = tok(text, add_special_tokens=False).input_ids
+            row += t
+            lab += t if trained else [-100] * len(t)
+        row.append(tok.eos_token_id)
+        lab.append(tok.eos_token_id)
+        ids.append(row)
+        labels.append(lab)
+    width = max(map(len, ids))
+    ids = [r + [tok.pad_token_id] * (width - len(r)) for r in ids]
+    labels = [r + [-100] * (width - len(r)) for r in labels]
     return torch.tensor(ids), torch.tensor(labels)
 
 
 def sft(model, tok, *, steps: int, lr: float, seed: int, batch_size: int = BATCH_SIZE,
         warmup: int = WARMUP, schedule: str = "cosine", desc: str = "sft", progress: bool = True,
-        eval_every: int = 0, eval_fn=None, k_range=TRAIN_K_RANGE, stop_after: int | None = None) -> dict:
+        eval_every: int = 0, eval_fn=None, k_range=TRAIN_K_RANGE, stop_after: int | None = None,
+        slips: tuple[float, float] = (0.0, 0.0)) -> dict:
     """Teacher-forced CE on response tokens. Returns ``{final_loss, losses (every 50), evals}``.
 
     ``stop_after``: stop early after this many steps of a ``steps``-long schedule (the student's early stop).
+    ``slips``: ``(p_slip, p_extra)`` of :func:`slipped_solution` (the teacher's off-track traces).
     """
     from tqdm.auto import tqdm
 
@@ -108,7 +165,7 @@ def sft(model, tok, *, steps: int, lr: float, seed: int, batch_size: int = BATCH
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    data = train_batches(seed, batch_size, k_range)
+    data = train_batches(seed, batch_size, k_range, slips)
     losses, evals, ema = [], [], None
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -229,14 +286,22 @@ CURRICULUM_STUDENT_SPEC = TinyQwen3Spec(vocab_size=VOCAB, hidden_size=64, num_la
                                         max_position_embeddings=1024)
 
 
+# ``(p_slip, p_extra)`` of the teacher's off-track traces (``slipped_solution``): off in the shipped recipe.
+# Measured for #13 with (0.25, 0.25) and the operations listed in order (README, "The CPU miniature"): the
+# teacher's p(stop) after one made-up extra step rose from 0.002-0.004 to 0.97-1.00, but its greedy accuracy
+# fell to 71 / 67 / 63 / 2 % on chain8 / 12 / 16 / 24 (wrong operation fetched from line 16 on at k = 24).
+TEACHER_SLIPS = (0.0, 0.0)
+
+
 def train_curriculum(spec: TinyQwen3Spec, tok, model_seed: int, phases, *, progress: bool = True,
-                     desc: str = "sft") -> tuple[object, list]:
-    """Build a model and run the SFT phases in order; returns (model, per-phase logs)."""
+                     desc: str = "sft", slips: tuple[float, float] = (0.0, 0.0)) -> tuple[object, list]:
+    """Build a model and run the SFT phases in order (each with ``slips``); returns (model, per-phase logs)."""
     model = _build(spec, tok, model_seed)
     logs = []
     for i, (steps, lr, seed, sched, warmup, k_range, stop) in enumerate(phases):
         logs.append(sft(model, tok, steps=steps, lr=lr, seed=seed, schedule=sched, warmup=warmup,
-                        k_range=k_range, stop_after=stop, desc=f"{desc} phase {i + 1}", progress=progress))
+                        k_range=k_range, stop_after=stop, desc=f"{desc} phase {i + 1}", progress=progress,
+                        slips=slips))
     return model, logs
 
 
@@ -284,13 +349,14 @@ def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int 
               "train_k_range": list(TRAIN_K_RANGE), "benchmarks": {
                   n: {"k": BENCHMARK_KS[n], "rows": len(r), "plays": BENCHMARK_ROLE[n]} for n, r in benches.items()},
               "torch": torch.__version__, "python": platform.python_version(), "n_sampled": n_sampled}
-    for role, spec, phases, mseed in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed),
-                                      ("student", CURRICULUM_STUDENT_SPEC, student_phases, seed + 1)):
+    for role, spec, phases, mseed, slips in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed, TEACHER_SLIPS),
+                                             ("student", CURRICULUM_STUDENT_SPEC, student_phases, seed + 1,
+                                              (0.0, 0.0))):
         if role not in roles:
             continue
         t = time.time()
-        model, logs = train_curriculum(spec, tok, mseed, phases, progress=progress, desc=role)
-        log = {"phases": [list(map(str, ph)) for ph in phases], "phase_logs": logs}
+        model, logs = train_curriculum(spec, tok, mseed, phases, progress=progress, desc=role, slips=slips)
+        log = {"phases": [list(map(str, ph)) for ph in phases], "slips": list(slips), "phase_logs": logs}
         steps = sum(ph[6] if ph[6] is not None else ph[0] for ph in phases)
         lr, sched = phases[-1][1], "curriculum"
         train_s = time.time() - t
