@@ -8,11 +8,8 @@ text is a section of ``docs/methods.md``.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -29,13 +26,13 @@ from opdkit.runtime.prompts import (
     chat_setting,
     resolve_context,
 )
-from opdkit.runtime.settings import ConfigError, F
+from opdkit.runtime.settings import ConfigError, F, apply_mapping, parse_overrides
 from opdkit.runtime.settings import field_help as _field_help
 from opdkit.train.behaviour import BEHAVIOUR_LOGPROBS
 from opdkit.train.sg_opd import ADVANTAGES
 
 __all__ = ["QWEN_MATH_TEMPLATE", "Config", "ConfigError", "F", "field_help", "load_config", "phase_steps",
-           "save_config", "to_dict", "validate"]
+           "parse_overrides", "save_config", "to_dict", "validate"]
 
 
 @dataclass
@@ -308,81 +305,11 @@ def _validate_teacher(cfg: Config) -> None:
             raise ConfigError(f"teacher.context: {e}") from None
 
 
-class _Raw(str):
-    """A command-line override value: kept verbatim for str fields, read as YAML for the others."""
-
-
 def phase_steps(cfg: Config) -> int:
     """Resolved number of phased-teacher-sampling rollout steps (§5.2)."""
     if cfg.sg.phase_steps >= 0:
         return cfg.sg.phase_steps
     return round(0.2 * cfg.train.train_steps) if cfg.loss.advantage == "sign_gated" else 0
-
-
-def _coerce(value: Any, tp: Any, key: str):
-    if isinstance(value, _Raw):
-        value = str(value) if tp is str else (yaml.safe_load(value) if value != "" else "")
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if value is None:
-            return ""
-    elif tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(tp, types.UnionType) or origin is typing.Union:
-        return value
-    else:
-        return value
-    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {getattr(tp, '__name__', tp)}")
-
-
-def _apply(obj, data: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown field {key!r}; valid fields here: {', '.join(sorted(names))}")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{key} must be a mapping of its fields")
-            _apply(cur, v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["loss.name=lsm", "train.train_steps=10"]`` -> nested dict of raw values (typed when applied)."""
-    out: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. loss.name=lsm")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _Raw(raw)
-    return out
 
 
 #: Configs shipped inside the package (``paper/opd.yaml``, ...): ``--config paper/opd`` finds them anywhere.
@@ -418,9 +345,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        _apply(cfg, data)
+        apply_mapping(cfg, data)
     if overrides:
-        _apply(cfg, parse_overrides(overrides))
+        apply_mapping(cfg, parse_overrides(overrides))
     return validate(cfg, need_models=need_models)
 
 

@@ -10,15 +10,92 @@ of valid names come from the registries, not from copies.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+class _Raw(str):
+    """A command-line override value: kept verbatim for str fields, read as YAML for the others."""
+
+
+
+def _coerce(value: Any, tp: Any, key: str):
+    """``value`` as the field type ``tp`` (a command-line :class:`_Raw` is read as YAML first), or ConfigError."""
+    if isinstance(value, _Raw):
+        value = str(value) if tp is str else (yaml.safe_load(value) if value != "" else "")
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        return value
+    else:
+        return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {getattr(tp, '__name__', tp)}")
+
+
+def apply_mapping(obj, data: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from nested ``data`` (typed by :func:`_coerce`); unknown names raise."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown field {key!r}; valid fields here: {', '.join(sorted(names))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be a mapping of its fields")
+            apply_mapping(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["loss.name=lsm", "train.train_steps=10"]`` -> nested dict of raw values (typed when applied)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. loss.name=lsm")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _Raw(raw)
+    return out
 
 
 def F(default: Any = dataclasses.MISSING, help: str = "", **kw):  # noqa: A002
