@@ -66,6 +66,24 @@ def opd_advantage(
     return torch.where(valid_BT, lq_BT - lp_old_BT, torch.zeros((), dtype=dtype, device=lq_BT.device))
 
 
+def surrogate_inputs(logp_BT, logp_old_BT, logp_teacher_BT, mask_BT, advantage_BT):
+    """Checked inputs of a sampled-token surrogate: ``(A_BT, valid_BT, dtype)``.
+
+    ``A_BT`` is ``advantage_BT`` (detached, 0 where invalid) when given, else
+    :func:`opd_advantage` ``= log q - log pi_old``; one of the two is required. ``dtype`` is the compute
+    dtype of ``logp_BT`` / ``logp_old_BT``; ``valid_BT`` the finite, unmasked positions.
+    """
+    if advantage_BT is None and logp_teacher_BT is None:
+        raise ValueError("give logp_teacher_BT or advantage_BT")
+    _check_shapes(logp_BT=logp_BT, logp_old_BT=logp_old_BT, logp_teacher_BT=logp_teacher_BT, mask_BT=mask_BT,
+                  advantage_BT=advantage_BT)
+    dtype = _compute_dtype(logp_BT, logp_old_BT)
+    valid_BT = _valid(mask_BT)
+    if advantage_BT is None:
+        return opd_advantage(logp_teacher_BT, logp_old_BT, mask_BT).to(dtype), valid_BT, dtype
+    return _clean(advantage_BT.detach(), valid_BT, dtype), valid_BT, dtype
+
+
 def sampled_token_opd(
     logp_BT: torch.Tensor,
     logp_old_BT: torch.Tensor,
@@ -102,18 +120,7 @@ def sampled_token_opd(
         raise ValueError(f"clip_eps must be >= 0, got {clip_eps}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if advantage_BT is None and logp_teacher_BT is None:
-        raise ValueError("give logp_teacher_BT or advantage_BT")
-    _check_shapes(
-        logp_BT=logp_BT, logp_old_BT=logp_old_BT, logp_teacher_BT=logp_teacher_BT,
-        mask_BT=mask_BT, advantage_BT=advantage_BT,
-    )
-    dtype = _compute_dtype(logp_BT, logp_old_BT)
-    valid_BT = _valid(mask_BT)
-    if advantage_BT is None:
-        adv_BT = opd_advantage(logp_teacher_BT, logp_old_BT, mask_BT).to(dtype)
-    else:
-        adv_BT = _clean(advantage_BT.detach(), valid_BT, dtype)
+    adv_BT, valid_BT, dtype = surrogate_inputs(logp_BT, logp_old_BT, logp_teacher_BT, mask_BT, advantage_BT)
 
     lp_BT = _clean(logp_BT, valid_BT, dtype)
     lp_old_BT = _clean(logp_old_BT.detach(), valid_BT, dtype)

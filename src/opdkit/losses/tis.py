@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from opdkit.losses.opd import _apply_mask, _check_shapes, _clean, _compute_dtype, _valid, opd_advantage
+from opdkit.losses.opd import _apply_mask, _check_shapes, _clean, _compute_dtype, _valid, surrogate_inputs
 
 __all__ = ["tis_weight", "truncated_is_opd"]
 
@@ -59,16 +59,7 @@ def truncated_is_opd(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, logp_teac
         ``loss_BT`` ``[B,T]``: ``−w_t·A_t`` in value, gradient ``−w_t·A_t·∇lp_t``; exactly 0 where
         ``mask_BT == 0``. Not reduced.
     """
-    if advantage_BT is None and logp_teacher_BT is None:
-        raise ValueError("give logp_teacher_BT or advantage_BT")
-    _check_shapes(logp_BT=logp_BT, logp_old_BT=logp_old_BT, logp_teacher_BT=logp_teacher_BT, mask_BT=mask_BT,
-                  advantage_BT=advantage_BT)
-    dtype = _compute_dtype(logp_BT, logp_old_BT)
-    valid_BT = _valid(mask_BT)
-    if advantage_BT is None:
-        adv_BT = opd_advantage(logp_teacher_BT, logp_old_BT, mask_BT).to(dtype)
-    else:
-        adv_BT = _clean(advantage_BT.detach(), valid_BT, dtype)
+    adv_BT, valid_BT, dtype = surrogate_inputs(logp_BT, logp_old_BT, logp_teacher_BT, mask_BT, advantage_BT)
     w_BT = tis_weight(logp_BT, logp_old_BT, mask_BT, cap=cap).to(dtype)
     lp_BT = _clean(logp_BT, valid_BT, dtype)
     score_BT = torch.exp(lp_BT - lp_BT.detach())  # 1 in value, ∇lp in gradient
