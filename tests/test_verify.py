@@ -48,9 +48,9 @@ needs_data = pytest.mark.skipif(
     reason=f"benchmark data not found at {DATA_DIR} (expected ../shared/data next to the repo)",
 )
 
-#: A hang guard, not a timing assertion: far above any bound (a busy CI machine must never fail it). That
-#: the time bound itself works is shown by the verdict: a check that cannot finish comes back as TIMEOUT.
-HANG_GUARD_S = 120.0
+# No test here asserts a wall time (CI machines may be busy): that an answer check's time bound works is
+# shown by its verdict (a check that cannot finish comes back as TIMEOUT), and a scan that never ends
+# would hang the test, which the CI job's own time limit reports.
 
 
 def _rows(name: str) -> list[dict]:
@@ -128,10 +128,10 @@ def test_extraction_is_linear_on_hostile_text():
         ("\\boxed{" + "{" * 5_000 + "1" + "}" * 5_000 + "}") * 10,
         "\\" * 200_000,
     ]
-    t = time.perf_counter()
-    for text in hostile:
-        extract_answer(text)
-    assert time.perf_counter() - t < HANG_GUARD_S  # quadratic scans of 200k-char inputs would never end
+    # quadratic scans of these 200k-character inputs would never end; linear ones return at once
+    got = [extract_answer(text) for text in hostile]
+    assert got[0] is None and got[1] == "1" and got[2] is None and got[4] is None
+    assert got[3] == "{" * 5_000 + "1" + "}" * 5_000  # the last complete box, braces balanced
 
 
 # --------------------------------------------------------------------------- integers
@@ -410,12 +410,9 @@ HOSTILE = {
 def test_hostile_inputs_are_bounded(name):
     _warm()
     timeout_s = 1.0
-    t = time.perf_counter()
     v = grade(HOSTILE[name], "5", timeout_s=timeout_s)
-    elapsed = time.perf_counter() - t
     assert isinstance(v, Verdict)
     assert v.reward == 0 and v.reason in REASONS
-    assert elapsed < HANG_GUARD_S, (name, elapsed, v.reason)
 
 
 def test_hostile_inputs_from_non_main_thread():
@@ -424,20 +421,18 @@ def test_hostile_inputs_from_non_main_thread():
     out: list = []
 
     def run():
-        t = time.perf_counter()
         try:
-            out.append((grade_many(cases, ["5", "5", "0.5"], timeout_s=1.0), time.perf_counter() - t))
+            out.append(grade_many(cases, ["5", "5", "0.5"], timeout_s=1.0))
         except BaseException as e:  # pragma: no cover - reported below
-            out.append((e, 0.0))
+            out.append(e)
 
     th = threading.Thread(target=run)
     th.start()
     th.join(60)
     assert not th.is_alive()
-    verdicts, elapsed = out[0]
+    verdicts = out[0]
     assert not isinstance(verdicts, BaseException), verdicts
     assert [v.reward for v in verdicts] == [0, 0, 1]
-    assert elapsed < HANG_GUARD_S
 
 
 def _fake_worker(tmp_path: Path, on_request: str) -> Path:
@@ -473,11 +468,8 @@ def test_worker_stuck_in_c_code_is_killed(tmp_path, monkeypatch, fresh_pool):
     w = fresh_pool.acquire()
     pid = w.proc.pid
     fresh_pool.release(w)
-    t = time.perf_counter()
     v = grade("\\boxed{\\frac{1}{2}}", "0.25", timeout_s=0.5)
-    elapsed = time.perf_counter() - t
-    assert v == Verdict(0, "\\frac{1}{2}", TIMEOUT)
-    assert elapsed < HANG_GUARD_S  # the verdict above shows the 0.5 s bound fired (the worker sleeps 600 s)
+    assert v == Verdict(0, "\\frac{1}{2}", TIMEOUT)  # the 0.5 s bound fired (the worker sleeps 600 s)
     assert w.proc.poll() is not None, f"worker {pid} should have been killed"
     assert fresh_pool._idle and fresh_pool._idle[0].proc.pid != pid  # replacement started
 
@@ -503,7 +495,5 @@ def test_in_process_fallback_when_workers_cannot_start(tmp_path, monkeypatch, fr
         return MISMATCH
 
     monkeypatch.setattr(_pool._mv_worker, "check", slow_check)
-    t = time.perf_counter()
     v = grade("\\boxed{\\int_0^1 e^{x^{2}} dx}", "5", timeout_s=0.05)
     assert v.reason == TIMEOUT  # the check sleeps 3 s: had the caller waited, the verdict would be MISMATCH
-    assert time.perf_counter() - t < HANG_GUARD_S
