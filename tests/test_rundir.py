@@ -253,3 +253,22 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tiny_models, tmp_path):
     assert "last checkpoint is at rollout step" in line and line.rstrip().endswith("--resume")
     assert "continue with: opdkit train" in line and f"train.output_dir={out}" in line
     assert (out / RUN_FILE).is_file() and not (out / "final").exists()
+
+
+def test_ctrl_c_is_a_flag_read_between_updates():
+    # the first Ctrl-C only sets the flag (nothing raised inside the handler can be lost in a finaliser);
+    # check() raises at the next update; a second Ctrl-C raises at once; the old handler comes back after
+    from opdkit.train.loop import _CtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    with _CtrlC() as ctrl_c:
+        ctrl_c.check()  # nothing requested yet
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # a hang guard, not a timing assertion: the second signal raises at once
+    assert signal.getsignal(signal.SIGINT) is before

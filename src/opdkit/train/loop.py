@@ -9,6 +9,8 @@ once per rollout step, logging and checkpointing between steps.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +38,37 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int, checkpoint_step: int | None):
         super().__init__(f"interrupted at rollout step {step}")
         self.step, self.checkpoint_step = step, checkpoint_step
+
+
+class _CtrlC:
+    """Ctrl-C during training, as a flag the loop reads after every optimizer update and rollout step.
+
+    Why not Python's default handler: it raises KeyboardInterrupt wherever the main thread happens to be,
+    and when that is inside a finaliser (``__del__``, a weakref callback) the exception is printed as
+    "ignored" and lost, so a run went on training after Ctrl-C (seen in CI). The first Ctrl-C only sets
+    the flag (the loop stops at the next update); a second one raises at once, wherever it lands."""
+
+    def __init__(self):
+        self.requested, self._prev = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+        return False
 
 
 def _open_run_dir(acc, out_dir: Path, cfg: Config, *, resume: bool, overwrite: bool, log) -> RunRecord:
@@ -81,21 +114,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, print_f
     logger = _start_logging(t, source, out_dir, run, start, resume=resume, log=log)
     bar = _progress_bar(cfg, start) if acc.is_main_process else None
     step = start
-    try:
-        for step in range(start, cfg.train.train_steps):
-            # Every process takes the same prompts from the shared order and keeps its own slice.
-            pos = source.next(cfg.rollout.prompts_per_step)[t.rank::t.world]
-            prompts = StepPrompts([source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
-                                  [source.indices[i] for i in pos],
-                                  [source.teacher_ids[i] for i in pos] if source.teacher_ids else None)
-            rec = rollout_step(t, step, prompts, on_update=lambda m, s=step: _on_update(t, s, m, logger, bar, log))
-            _on_step(t, rec, logger, bar, log)
-            if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \
-                    and step + 1 < cfg.train.train_steps:
-                _save(t, out_dir / "checkpoints", step + 1, source, run.run_id)
-    except KeyboardInterrupt:  # the message, not a traceback, and how to continue
-        last = ckpt.latest_checkpoint(out_dir / "checkpoints", run.run_id)
-        raise TrainingInterrupted(step, int(last.name.split("_")[1]) if last else None) from None
+    with _CtrlC() as ctrl_c:
+        try:
+            for step in range(start, cfg.train.train_steps):
+                ctrl_c.check()
+                # Every process takes the same prompts from the shared order and keeps its own slice.
+                pos = source.next(cfg.rollout.prompts_per_step)[t.rank::t.world]
+                prompts = StepPrompts([source.prompt_ids[i] for i in pos], [source.answers[i] for i in pos],
+                                      [source.indices[i] for i in pos],
+                                      [source.teacher_ids[i] for i in pos] if source.teacher_ids else None)
+                rec = rollout_step(t, step, prompts,
+                                   on_update=lambda m, s=step: _on_update(t, s, m, logger, bar, log, ctrl_c))
+                _on_step(t, rec, logger, bar, log)
+                if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 \
+                        and step + 1 < cfg.train.train_steps:
+                    _save(t, out_dir / "checkpoints", step + 1, source, run.run_id)
+        except KeyboardInterrupt:  # the message, not a traceback, and how to continue
+            last = ckpt.latest_checkpoint(out_dir / "checkpoints", run.run_id)
+            raise TrainingInterrupted(step, int(last.name.split("_")[1]) if last else None) from None
     if bar is not None:
         bar.close()
     logger.close()
@@ -159,8 +195,9 @@ def _progress_bar(cfg: Config, start: int):
     return tqdm(total=cfg.train.train_steps, initial=start, desc="opd", unit="step", dynamic_ncols=True)
 
 
-def _on_update(t: Trainer, step: int, m: dict, logger, bar, log) -> None:
-    """After each optimizer update: log it, watch for divergence, stop after too many non-finite ones."""
+def _on_update(t: Trainer, step: int, m: dict, logger, bar, log, ctrl_c: _CtrlC | None = None) -> None:
+    """After each optimizer update: log it, watch for divergence, stop after too many non-finite ones or
+    after a Ctrl-C."""
     t.bad_streak = t.bad_streak + 1 if m["skipped"] else 0
     warn = t.monitor.update(m)
     logger.log("update", {"step": step, "update": t.update_idx, **m, **({"divergence": warn} if warn else {})},
@@ -170,6 +207,8 @@ def _on_update(t: Trainer, step: int, m: dict, logger, bar, log) -> None:
     if t.bad_streak >= t.cfg.train.max_bad_updates:
         raise TrainingDiverged(f"{t.bad_streak} non-finite updates in a row at rollout step {step}: lower "
                                f"optim.lr, check the teacher's log-probs, or raise train.max_bad_updates")
+    if ctrl_c is not None:
+        ctrl_c.check()  # a Ctrl-C since the last update stops the run here (see _CtrlC)
 
 
 def _on_step(t: Trainer, rec: dict, logger, bar, log) -> None:
