@@ -46,8 +46,8 @@ class _CtrlC:
     Why not Python's default handler: it raises KeyboardInterrupt wherever the main thread happens to be,
     and when that is inside a finaliser (``__del__``, a weakref callback) the exception is printed as
     "ignored" and lost. A run was seen in CI to go on training after Ctrl-C; that is the likely cause,
-    and a flag cannot be lost that way. The first Ctrl-C only sets
-    the flag (the loop stops at the next update); a second one raises at once, wherever it lands."""
+    and a flag cannot be lost that way. The first Ctrl-C only sets the flag (the loop stops at the next
+    update); a second one raises at once, wherever it lands."""
 
     def __init__(self):
         self.requested, self._prev = False, None
