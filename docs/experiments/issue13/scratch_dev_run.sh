@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# run.sh NAME OVERRIDES... : train OPD on the 3x128 student (countdown worktree), then eval on dev seed 7
-set -e
-. /work/main/.venv/bin/activate
+# scratch_dev_run.sh NAME [OVERRIDES...]: train OPD with the demo's default-preset settings on a student, then
+# evaluate on the dev data seed 7 (chainK@7, never the held-out benchmarks). NAME ending in "base": evaluate
+# STUDENT only. Run from a checkout with countdown_scratch.patch applied (its src/ is put first on PYTHONPATH).
+#   MODELS=DIR (DIR/teacher, DIR/student)  STUDENT=DIR (default: $MODELS/student)  OUT=DIR (default: runs/dev)
+#   TRAIN=FILE (training prompts; default: written once to $OUT/train.jsonl as `opdkit demo` writes them)
+set -euo pipefail
 name=$1; shift
-cd /work/wt-cd
-export PYTHONPATH=/work/wt-cd/src OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-OV=$(python3 -c "
-import yaml;d=yaml.safe_load(open('/work/main/runs/cd3/runs/opd-seed0/job.yaml'));o=[x for x in d['overrides'] if not x.startswith(('train.output_dir','data.prompt_template','data.train_file','model.'))]+['model.student='+__import__('os').environ.get('STUDENT','/work/main/runs/build/M3/student'),'model.teacher=/work/main/runs/build/M3/teacher'];print(' '.join(o))")
-out=/work/wt-cd/runs/dev/$name
-case "$name" in *base) isbase=1;; *) isbase=0;; esac
-if [ $isbase = 0 ]; then
-python -m opdkit.cli.main train $OV 'data.prompt_template={problem}
-' data.train_file=/work/wt-cd/runs/cd6/data/train.jsonl train.output_dir=$out "$@" --overwrite > $out.log 2>&1
-model=$out/final
-else model=${STUDENT:-/work/main/runs/build/M3/student}; mkdir -p $out; fi
-python -m opdkit.cli.main eval --model $model --benchmarks chain8@7,chain12@7,chain16@7,chain24@7 --grader chain --template '{problem}
-' --no-chat-template --n 8 --k 1,8 --max-new-tokens 300 --limit 32 --prompts-per-batch 16 --seed 0 --label $name --device cpu --out $out/eval >> $out.log 2>&1
-python3 -c "
-import json,sys
-r=json.load(open('$out/eval/results.json'))
-print('$name', json.dumps(r)[:600])
-"
+: "${MODELS:?set MODELS to a directory with teacher/ and student/}"
+STUDENT=${STUDENT:-$MODELS/student}
+OUT=${OUT:-runs/dev}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+TRAIN=${TRAIN:-$OUT/train.jsonl}
+[ -f "$TRAIN" ] || python -c "
+from opdkit.tasks.chain import make_train_prompts, write_jsonl
+write_jsonl(make_train_prompts(4000, seed=0), '$TRAIN')"
+out=$OUT/$name
+case "$name" in
+  *base) model=$STUDENT; mkdir -p "$out" ;;
+  *)
+    # the demo's default preset and its OPD variant, as a list of overrides (the prompt template holds a newline)
+    mapfile -d '' OV < <(python -c "
+import sys
+from opdkit.demo.presets import PRESETS, VARIANTS
+for o in PRESETS['default'].train + VARIANTS['opd'][1]:
+    sys.stdout.write(o + '\0')")
+    python -m opdkit.cli.main train "${OV[@]}" "model.student=$STUDENT" "model.teacher=$MODELS/teacher" \
+      "data.train_file=$TRAIN" "train.output_dir=$out" train.progress=false "$@" --overwrite > "$out.log" 2>&1
+    model=$out/final ;;
+esac
+python -m opdkit.cli.main eval --model "$model" --benchmarks chain8@7,chain12@7,chain16@7,chain24@7 --grader chain \
+  --template $'{problem}\n' --no-chat-template --n 8 --k 1,8 --max-new-tokens 300 --limit 32 \
+  --prompts-per-batch 16 --seed 0 --label "$name" --device cpu --out "$out/eval" >> "$out.log" 2>&1
+python docs/experiments/issue13/scratch_dev_summary.py "$OUT"
