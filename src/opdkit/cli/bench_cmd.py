@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--microbatch-size", type=int, default=8)
     s.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--dtype", default="float32", help="student (and default teacher) weights dtype")
+    s.add_argument("--teacher-dtype", default="", help="teacher weights dtype (default: --dtype); a frozen "
+                   "teacher in bfloat16 still gives float32 log-probs (float32 LM head on bf16 hidden states)")
     s.add_argument("--seed", type=int, default=0)
 
 
@@ -37,14 +39,14 @@ def _models(args, device):
 
     if args.student and args.teacher:
         return (load_model(args.student, dtype=args.dtype, device=device),
-                load_model(args.teacher, dtype=args.dtype, device=device))
+                load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=device))
     s = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                  head_dim=64, intermediate_size=768), seed=args.seed)
     t = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
                                  head_dim=64, intermediate_size=1536), seed=args.seed + 1)
     from opdkit.runtime.models import resolve_dtype
 
-    return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(args.dtype))
+    return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(args.teacher_dtype or args.dtype))
 
 
 def run(args) -> int:
@@ -87,7 +89,8 @@ def run(args) -> int:
            "teacher_s": med(r[2] for r in rows), "update_s": med(r[3] for r in rows),
            "generated_tokens_per_s": med(r[4] / r[1] for r in rows), "steps": args.steps,
            "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens, "threads": args.threads,
-           "device": str(device), "loss": args.loss, "gate": args.gate}
+           "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
+           "teacher_dtype": args.teacher_dtype or args.dtype}
     print(json.dumps(res))
     return 0
 

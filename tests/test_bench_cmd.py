@@ -1,0 +1,21 @@
+"""``opdkit bench step`` end to end on its random CPU workload, cut to a few tokens."""
+
+import json
+
+import pytest
+
+from opdkit.cli.main import main
+
+
+@pytest.mark.parametrize("teacher_dtype", ["", "bfloat16"])
+def test_bench_step_runs_and_reports_its_split(capsys, teacher_dtype):
+    argv = ["bench", "step", "--steps", "2", "--new-tokens", "4", "--prompts-per-step", "2", "--threads", "1",
+            "--device", "cpu"] + (["--teacher-dtype", teacher_dtype] if teacher_dtype else [])
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 2 and res["new_tokens"] == 4 and res["dtype"] == "float32"
+    assert res["teacher_dtype"] == (teacher_dtype or "float32")
+    parts = res["sample_s"], res["teacher_s"], res["update_s"]
+    assert all(p > 0 for p in parts)
+    # the step is the sum of its three phases (medians of sums and sums of medians need not agree exactly)
+    assert res["step_time_s_median"] <= 2 * sum(parts)
