@@ -14,7 +14,7 @@ one optimizer update per step, ``--threads`` torch threads. Both trainers run fu
 ``lmbda=1``) with reverse KL (``beta=1``), no gradient checkpointing, in float32 (``--bf16``: TRL's
 default bf16 autocast). A step is timed from the Trainer's ``on_step_begin`` to ``on_step_end``
 (generation, teacher forward, loss, backward, optimizer); the first step is a warm-up. Prints one JSON
-line last with ``step_time_s_median``.
+line last with ``step_time_s_median`` and ``generate_s_median`` (the student's ``generate`` calls).
 """
 
 from __future__ import annotations
@@ -63,13 +63,30 @@ class _StepTimer:
 
         class CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                outer.t0 = time.perf_counter()
+                outer.t0, outer._gen = time.perf_counter(), 0.0
 
             def on_step_end(self, args, state, control, **kw):
                 outer.times.append(time.perf_counter() - outer.t0)
+                outer.gen_times.append(outer._gen)
+                outer._gen = 0.0
 
         self.times: list[float] = []
+        self.gen_times: list[float] = []
+        self._gen = 0.0
         self.callback = CB()
+
+    def wrap_generate(self, model) -> None:
+        """Time the student's ``generate`` calls (the sampling part of a step)."""
+        inner = model.generate
+
+        def generate(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self._gen += time.perf_counter() - t0
+
+        model.generate = generate
 
 
 def _common(args) -> dict:
@@ -130,15 +147,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     student, teacher = _models(args.seed)
     timer = _StepTimer()
+    timer.wrap_generate(student)
     trainer = TRAINERS[args.trainer](args, student, teacher, _tokenizer(), timer)
     trainer.train()
-    timed = timer.times[1:]
+    timed, gen = timer.times[1:], timer.gen_times[1:]
     import transformers
     import trl
 
     print(json.dumps({"trainer": args.trainer, "trl": trl.__version__, "transformers": transformers.__version__,
                       "torch": torch.__version__, "threads": args.threads, "bf16": args.bf16, "steps": len(timed),
                       "step_time_s_median": round(statistics.median(timed), 4),
+                      "generate_s_median": round(statistics.median(gen), 4),
                       "step_times_s": [round(x, 4) for x in timed]}))
 
 
