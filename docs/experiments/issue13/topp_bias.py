@@ -32,7 +32,7 @@ def nucleus(p):
 
 
 rows = []
-for trial in range(1000):
+for _ in range(1000):
     z = torch.randn(V, dtype=torch.float64) * 2
     lq = (torch.randn(V, dtype=torch.float64) * 2 + 0.5 * z).log_softmax(-1)  # a teacher correlated with the student
     p = z.softmax(-1)
