@@ -15,7 +15,4 @@ def test_bench_step_runs_and_reports_its_split(capsys, teacher_dtype):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["steps"] == 2 and res["new_tokens"] == 4 and res["dtype"] == "float32"
     assert res["teacher_dtype"] == (teacher_dtype or "float32")
-    parts = res["sample_s"], res["teacher_s"], res["update_s"]
-    assert all(p > 0 for p in parts)
-    # the step is the sum of its three phases (medians of sums and sums of medians need not agree exactly)
-    assert res["step_time_s_median"] <= 2 * sum(parts)
+    assert all(res[k] > 0 for k in ("sample_s", "teacher_s", "update_s", "generated_tokens_per_s"))
