@@ -43,6 +43,7 @@ def _tokenizer():
 
 
 def _models(seed: int):
+    """The shapes of ``opdkit.cli.bench_cmd._models`` (written out here: this script runs without opdkit)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     def build(hidden, layers, heads, kv, ffn, s):

@@ -16,3 +16,16 @@ def test_bench_step_runs_and_reports_its_split(capsys, teacher_dtype):
     assert res["steps"] == 2 and res["new_tokens"] == 4 and res["dtype"] == "float32"
     assert res["teacher_dtype"] == (teacher_dtype or "float32")
     assert all(res[k] > 0 for k in ("sample_s", "teacher_s", "update_s", "generated_tokens_per_s"))
+
+
+def test_bench_step_builds_the_teacher_in_its_own_dtype():
+    import argparse
+
+    import torch
+
+    from opdkit.cli import bench_cmd
+
+    args = argparse.Namespace(student="", teacher="", dtype="float32", teacher_dtype="bfloat16", seed=0)
+    student, teacher = bench_cmd._models(args, torch.device("cpu"))
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}

@@ -34,19 +34,23 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
 
 
+def _teacher_dtype(args) -> str:
+    return args.teacher_dtype or args.dtype
+
+
 def _models(args, device):
     from opdkit.runtime.models import TinyQwen3Spec, load_model, tiny_qwen3
 
     if args.student and args.teacher:
         return (load_model(args.student, dtype=args.dtype, device=device),
-                load_model(args.teacher, dtype=args.teacher_dtype or args.dtype, device=device))
+                load_model(args.teacher, dtype=_teacher_dtype(args), device=device))
     s = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                  head_dim=64, intermediate_size=768), seed=args.seed)
     t = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
                                  head_dim=64, intermediate_size=1536), seed=args.seed + 1)
     from opdkit.runtime.models import resolve_dtype
 
-    return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(args.teacher_dtype or args.dtype))
+    return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(_teacher_dtype(args)))
 
 
 def run(args) -> int:
@@ -90,7 +94,7 @@ def run(args) -> int:
            "generated_tokens_per_s": med(r[4] / r[1] for r in rows), "steps": args.steps,
            "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens, "threads": args.threads,
            "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
-           "teacher_dtype": args.teacher_dtype or args.dtype}
+           "teacher_dtype": _teacher_dtype(args)}
     print(json.dumps(res))
     return 0
 
