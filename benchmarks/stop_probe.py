@@ -2,14 +2,14 @@
 
 Teacher-forced, no sampling: for each problem of ``chainK@SEED`` (a dev data seed, not the held-out
 benchmarks' seed 0) the model reads the prompt, the reference trace and then one or two made-up extra
-steps (the next letter, a random operation, computed correctly from the last state), and the script
+steps (a letter of the prompt's, a random operation, computed correctly from the last state), and the script
 reports ``p(stop)`` = the probability of the token ``a`` (only ``answer`` starts with a letter) at the
 line start after ``k-2``, ``k-1`` and ``k`` reference steps and after ``k+1`` and ``k+2`` steps (the
 made-up ones). A good teacher for on-policy distillation says "go on" before step k, "stop" at step k,
 and still "stop" after an extra step the student made up (README, "The CPU miniature").
 
     python benchmarks/stop_probe.py                                          # shipped teacher and student
-    python benchmarks/stop_probe.py --models DIR/teacher,DIR/student --ordered   # checkpoints of the ordered task
+    python benchmarks/stop_probe.py --models DIR/teacher,DIR/student --ordered   # the prompt's ops in sequence
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 from opdkit.tasks.chain import (
     DIGITS,
     LETTERS,
-    MAX_K,
     OPS,
     apply_op,
     format_prompt,
@@ -37,15 +36,16 @@ OFFSETS = (-2, -1, 0, 1, 2)
 
 
 def probe_text(problem: str, rng: random.Random, extra: int = 2) -> tuple[str, int]:
-    """``(prompt + reference lines + extra made-up lines, k)``; the made-up lines carry the next letters."""
+    """``(prompt + reference lines + extra made-up lines, k)``; the made-up lines carry letters of the
+    prompt's (in the countdown format no letter follows the last step's ``a``)."""
     sol = solve(problem).split("\n")[:-1]
     k = len(sol)
     x = int(sol[-1][-2:])
     lines = list(sol)
-    for j in range(extra):
+    for _ in range(extra):
         op, d = rng.choice(OPS), rng.choice(DIGITS)
         y = apply_op(x, op, d)
-        lines.append(f"{x:02d} {LETTERS[min(k + j, MAX_K - 1)]}{op}{d}={y:02d}")
+        lines.append(f"{x:02d} {LETTERS[rng.randrange(k)]}{op}{d}={y:02d}")
         x = y
     return format_prompt(problem) + "\n".join(lines) + "\n", k
 
@@ -74,7 +74,7 @@ def stop_probs(model, tok, problems: list[str], seed: int = 0) -> dict[int, list
 
 
 def _problems(k: int, n: int, seed: int, ordered: bool) -> list[str]:
-    """``n`` distinct problems of ``chainK@seed``; ``ordered``: the same stream with the operations in tag order."""
+    """``n`` distinct problems of ``chainK@seed``; ``ordered``: the same stream with the operations in sequence."""
     if not ordered:
         return [r["problem"] for r in make_benchmark(k, n, seed=seed)]
     rng = random.Random(f"opdkit-chain-bench-{k}-{seed}")  # make_benchmark's stream and draws

@@ -85,15 +85,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 def test_trace_errors_classifies_step_counts_and_prefixes():
     from opdkit.tasks.chain import solve, trace_errors
 
-    problem = "37 b*3 a+5 c-7"
-    ref = solve(problem)  # 37 a+5=42 / 42 b*3=26 / 26 c-7=19 / answer: 19
+    problem = "37 c+5 a-7 b*3"
+    ref = solve(problem)  # 37 c+5=42 / 42 b*3=26 / 26 a-7=19 / answer: 19
     assert trace_errors(problem, ref) == {"k": 3, "steps": 3, "correct_prefix": 3, "kind": "exact"}
     lines = ref.split("\n")
     short = "\n".join(lines[:2] + ["answer: 26"])
     assert trace_errors(problem, short) == {"k": 3, "steps": 2, "correct_prefix": 2, "kind": "short"}
     long = "\n".join(lines[:3] + ["19 d+2=21", "answer: 21"])
     assert trace_errors(problem, long) == {"k": 3, "steps": 4, "correct_prefix": 3, "kind": "long"}
-    slip = "\n".join([lines[0], "42 b*3=27", "27 c-7=20", "answer: 20"])
+    slip = "\n".join([lines[0], "42 b*3=27", "27 a-7=20", "answer: 20"])
     assert trace_errors(problem, slip) == {"k": 3, "steps": 3, "correct_prefix": 1, "kind": "exact"}
     assert trace_errors(problem, "garbage")["kind"] == "short"
 

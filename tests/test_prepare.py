@@ -80,7 +80,8 @@ def test_encode_batch_masks_injected_text_and_pads():
 
 
 def test_clean_segments_encode_exactly_as_the_plain_solution():
-    # slips (0, 0), the shipped recipe: the segmented encoding is the old one (solution tokens + eos, no padding)
+    # slips (0, 0) (train_batches' default; the shipped student's recipe): the segmented encoding is the
+    # plain one (solution tokens + eos, no padding)
     tok = chain_tokenizer()
     batch = next(P.train_batches(0, 4))
     ids, labels = P.encode_batch(tok, batch)
@@ -90,4 +91,29 @@ def test_clean_segments_encode_exactly_as_the_plain_solution():
         p = tok(format_prompt(problem), add_special_tokens=False).input_ids
         r = tok(solve(problem), add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert row == p + r and lab == [-100] * len(p) + r
-    assert P.TEACHER_SLIPS == (0.0, 0.0)
+
+
+def _digest(batches, n=3):
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for _ in range(n):
+        h.update(json.dumps(next(batches)).encode())
+    return h.hexdigest()
+
+
+def test_recipe_data_streams_are_pinned():
+    # the first format (countdown=False) still draws exactly the batches of the first shipped checkpoints
+    # (digest taken with the code before the countdown format, commit 97cdc89); the countdown streams (the
+    # shipped recipe's, clean and with the teacher's slips) are pinned so the recipe cannot change silently
+    assert _digest(P.train_batches(5, 32, (4, 24), countdown=False)) == \
+        "bcb590839839ccc0e9e4512add9c0b029ebd71548059c588cacf9005a65d59dd"
+    assert _digest(P.train_batches(5, 32, (4, 24))) == \
+        "e875ae4f144ce8a52c80d5decefaa27c902ff21ff9855671710328267e7b9650"
+    assert _digest(P.train_batches(5, 32, (4, 24), (0.25, 0.25))) == \
+        "dadaec6ba3b0647703929a1ccff89eb8011881728c84c437d63e685ba7738b14"
+    # the shipped recipe trains on the countdown format only; only the teacher sees off-track traces
+    assert all(ph.countdown for ph in P.TEACHER_PHASES + P.STUDENT_PHASES)
+    assert all(ph.slips == (0.0, 0.0) for ph in P.STUDENT_PHASES)
+    assert P.TEACHER_PHASES[-1].slips == (0.25, 0.25)

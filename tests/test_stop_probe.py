@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
-from opdkit.tasks.chain import apply_op, chain_tokenizer, make_benchmark, solve
+from opdkit.tasks.chain import LETTERS, apply_op, chain_tokenizer, make_benchmark, solve
 
 _SPEC = importlib.util.spec_from_file_location(
     "stop_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "stop_probe.py")
@@ -23,9 +23,10 @@ def test_probe_text_appends_made_up_steps_that_continue_the_state():
     assert k == 5
     lines = text.split("\n")
     assert lines[0] == problem and "\n".join(lines[1:6]) + "\nanswer: " + lines[5][-2:] == solve(problem)
-    for prev, line, letter in ((lines[5], lines[6], "f"), (lines[6], lines[7], "g")):
+    # countdown format: no letter follows the last step's ``a``, so a made-up step reuses one of the prompt's
+    for prev, line in ((lines[5], lines[6]), (lines[6], lines[7])):
         x, op, d = int(prev[-2:]), line[4], int(line[5])
-        assert line[:2] == prev[-2:] and line[3] == letter and int(line[-2:]) == apply_op(x, op, d)
+        assert line[:2] == prev[-2:] and line[3] in LETTERS[:k] and int(line[-2:]) == apply_op(x, op, d)
     assert text.endswith("\n") and lines[-1] == ""
 
 

@@ -55,9 +55,16 @@ def test_reference_solutions_grade_correct_and_corruptions_incorrect():
 
 
 def test_solution_checks_arithmetic_by_hand():
-    assert solve("37 a+5 b*3 c-7") == "37 a+5=42\n42 b*3=26\n26 c-7=19\nanswer: 19"
+    # countdown (shipped): the first listed op runs first, tags count down to a, the last step
+    assert solve("37 c+5 a-7 b*3") == "37 c+5=42\n42 b*3=26\n26 a-7=19\nanswer: 19"
     assert solve("03 a-9") == "03 a-9=94\nanswer: 94"
-    assert parse_problem("37 a+5 b*3") == (37, [("+", 5), ("*", 3)])
+    assert parse_problem("37 b+5 a*3") == (37, [("+", 5), ("*", 3)])
+    with pytest.raises(ValueError, match="highest tag"):
+        parse_problem("37 a+5 b*3")
+    # the first format (curriculum phases A and B): tags count up from a, all ops shuffled
+    assert solve("37 b*3 a+5 c-7", countdown=False) == "37 a+5=42\n42 b*3=26\n26 c-7=19\nanswer: 19"
+    assert parse_problem("37 a+5 b*3", countdown=False) == (37, [("+", 5), ("*", 3)])
+    assert answer_of("37 b*3 a+5 c-7", countdown=False) == "19"
     with pytest.raises(ValueError):
         parse_problem("37 b+5")
     with pytest.raises(ValueError):
@@ -96,18 +103,33 @@ def test_tokenizer_covers_every_generated_char():
 
 
 def test_operations_are_shuffled_in_the_shipped_task_and_in_order_on_request():
-    # shipped task: the tags are a permutation of a.. (the order is shuffled); shuffle=False lists them in order
+    # shipped task: the first step's op (the highest tag) first, the others shuffled; the last step is a
     import random
 
     for name, rows in benchmarks(n=20).items():
+        k = BENCHMARK_KS[name]
         tags = [[g[0] for g in r["problem"].split()[1:]] for r in rows]
-        assert all(sorted(t) == list(LETTERS[:BENCHMARK_KS[name]]) for t in tags)
-        assert any(t != sorted(t) for t in tags)
+        assert all(sorted(t) == list(LETTERS[:k]) and t[0] == LETTERS[k - 1] for t in tags)
+        assert any(t[1:] != sorted(t[1:], reverse=True) for t in tags)
+        assert all(solve(r["problem"]).split("\n")[-2].split()[1][0] == "a" for r in rows)
     rng = random.Random(0)
     for k in (3, 8, 24):
         problem = random_problem(rng, k, shuffle=False)
-        assert [g[0] for g in problem.split()[1:]] == list(LETTERS[:k])
+        assert [g[0] for g in problem.split()[1:]] == list(LETTERS[:k])[::-1]
         assert solve(problem).split("\n")[-2].split()[1].startswith(problem.split()[-1] + "=")
+
+
+def test_both_formats_draw_the_same_problems():
+    # the curriculum's first format and the countdown format differ only in tags and listing order
+    import random
+
+    for k in (1, 5, 24):
+        a = random_problem(random.Random(k), k)
+        b = random_problem(random.Random(k), k, countdown=False)
+        assert answer_of(a) == answer_of(b, countdown=False)
+        ra = [line.split()[1][1:] for line in solve(a).split("\n")[:-1]]
+        rb = [line.split()[1][1:] for line in solve(b, countdown=False).split("\n")[:-1]]
+        assert ra == rb  # the same ops run in the same order
 
 
 def test_benchmarks_have_enough_problems_and_other_seeds_differ():
@@ -164,15 +186,23 @@ def test_shipped_checkpoints_load_and_teacher_solves_chain8(teacher):
     assert tok.get_vocab() == chain_tokenizer().get_vocab()
     student = load_model(ASSETS / "student", device="cpu")
     assert load_tokenizer(ASSETS / "student").get_vocab() == tok.get_vocab()
-    assert student.num_parameters() < model.num_parameters()
+    # the student has the teacher's shape (prepare.CURRICULUM_STUDENT_SPEC) but is its own, under-trained model
+    assert student.num_parameters() == model.num_parameters()
+    assert not torch.equal(student.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
     rows = make_benchmark(8, 5)
     tok.padding_side = "left"
     enc = tok([format_prompt(r["problem"]) for r in rows], return_tensors="pt", padding=True,
               add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=trace_length(8) + 5, do_sample=False,
+
+    def greedy_correct(m):
+        with torch.no_grad():
+            out = m.generate(**enc, max_new_tokens=trace_length(8) + 5, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    correct = sum(grade_chain(t, r["answer"]) for t, r in zip(texts, rows))
-    assert correct >= 3, texts
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return sum(grade_chain(t, r["answer"]) for t, r in zip(texts, rows)), texts
+
+    correct, texts = greedy_correct(model)
+    assert correct >= 4, texts
+    # measured: teacher 5/5, student 0/5 greedy on these problems; the gap is what OPD has to close
+    assert greedy_correct(student)[0] < correct

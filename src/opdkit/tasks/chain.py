@@ -1,13 +1,14 @@
 """A synthetic, exactly verifiable, long-horizon task for the CPU miniature: modular op chains.
 
-A problem is a start value and a chain of ``k`` operations on a state modulo 100. Operation ``i`` is
-tagged by the letter ``LETTERS[i]`` and the tagged operations are listed in a random order, so the tag
-is the only way to find the next one::
+A problem is a start value and a chain of ``k`` operations on a state modulo 100. The operations are
+tagged by letters that count down: step ``i`` (0-based) runs the operation tagged ``LETTERS[k-1-i]``, so
+the last step is always ``a``. The prompt lists the first operation first and the others in a random
+order, so the tag is the only way to find the next one::
 
-    problem:   37 b*3 a+5 c-7
-    solution:  37 a+5=42
+    problem:   37 c+5 a-7 b*3
+    solution:  37 c+5=42
                42 b*3=26
-               26 c-7=19
+               26 a-7=19
                answer: 19
 
 Each solution line has a fixed width of 10 characters (9 + newline): the previous state (2 digits,
@@ -17,13 +18,20 @@ The trace ends with ``answer: NN`` (no trailing newline; the model emits eos aft
 steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
 separated by newlines, which is what the NewlineSpan gate segments on.
 
-Listed in order (``random_problem(..., shuffle=False)``, not shipped): then the last operation is the one
-right before the prompt's newline, so the stop decision is visible. Measured for #13 (README, "The CPU
-miniature"): a teacher built that way with slip / extra-step traces says "stop" after a made-up extra
-step, but it is a much weaker teacher at long horizons, so the shipped task keeps the shuffled order.
+Why a countdown (#13, README "The CPU miniature"): both ends of the chain are local decisions (the
+first operation is the prompt's first; stop after the ``a`` line), and every step in between is a
+long-range lookup. In the first shipped format (``countdown=False``: step ``i`` runs ``LETTERS[i]``, all
+operations shuffled; kept for comparison, not trained on any more) the only sign of the last step
+was that no operation carried the next letter, an absence the small student does not learn to see;
+per-token reverse KL then resolves the ambiguous stop towards "go on" (continuing is right on k-1 of k
+line starts), and every OPD variant lowered the student by running past step k. A terminal mark on the
+last operation (a ``.`` the trace copies) and the operations listed in order were measured too: both
+leave the stop a lookup the student gets wrong often, and OPD again made it run past the end.
+Warm-starting the first format's checkpoints on the countdown format left the student unable to
+relearn its first step, so the shipped checkpoints are trained on the countdown format from scratch.
 
 Long horizon: the model must copy the previous state (local), fetch operation ``i`` from the prompt
-by its letter (a long-range lookup: the `` a+5`` of the trace repeats the prompt's) and compute it; one wrong step
+by its letter (a long-range lookup: the `` b*3`` of the trace repeats the prompt's) and compute it; one wrong step
 almost always ruins the answer, so accuracy falls geometrically with ``k``.
 
 Data streams (all from ``random.Random`` seeded with strings, so they are stable across runs and
@@ -85,46 +93,59 @@ def apply_op(x: int, op: str, d: int) -> int:
     raise ValueError(f"unknown op {op!r}")
 
 
-def _group(i: int, op: str, d: int) -> str:
-    return f"{LETTERS[i]}{op}{d}"
+def tag(i: int, k: int, countdown: bool = True) -> str:
+    """The letter of step ``i`` (0-based) of ``k``: ``LETTERS[k-1-i]`` (countdown), else ``LETTERS[i]``."""
+    return LETTERS[k - 1 - i] if countdown else LETTERS[i]
 
 
-def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | None = None) -> str:
-    """``start``, ``[(op, d), ...]`` (op ``i`` is tagged ``LETTERS[i]``) and the order in which the
-    tagged ops are listed (default: in sequence) -> e.g. ``"37 b*3 a+5 c-7"``."""
+def format_problem(start: int, ops: list[tuple[str, int]], order: list[int] | None = None,
+                   countdown: bool = True) -> str:
+    """``start``, ``[(op, d), ...]`` in execution order, and the order in which the steps' tagged ops
+    are listed (default: in sequence; with ``countdown`` step 0 must come first) -> ``"37 c+5 a-7 b*3"``."""
     if not 1 <= len(ops) <= MAX_K:
         raise ValueError(f"need 1..{MAX_K} ops, got {len(ops)}")
     order = list(range(len(ops))) if order is None else list(order)
     if sorted(order) != list(range(len(ops))):
         raise ValueError(f"order must be a permutation of 0..{len(ops) - 1}")
-    return f"{start:02d}" + "".join(f" {_group(i, *ops[i])}" for i in order)
+    if countdown and order[0] != 0:
+        raise ValueError("a countdown problem lists its first step first")
+    k = len(ops)
+    return f"{start:02d}" + "".join(f" {tag(i, k, countdown)}{ops[i][0]}{ops[i][1]}" for i in order)
 
 
-def random_problem(rng: random.Random, k: int, shuffle: bool = True) -> str:
-    """A random problem text with ``k`` ops, listed in a random order when ``shuffle`` (the shipped task),
-    else in tag order."""
+def random_problem(rng: random.Random, k: int, shuffle: bool = True, countdown: bool = True) -> str:
+    """A random problem text with ``k`` ops: the first listed first, the others in a random order when
+    ``shuffle`` (the shipped task), else in sequence. ``countdown=False``: the first format (all ops
+    shuffled, tags counting up). The random draws do not depend on ``countdown``."""
     start = rng.randrange(MOD)
     ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
     order = rng.sample(range(k), k) if shuffle else None
-    return format_problem(start, ops, order)
+    if countdown and order is not None:
+        order = [0] + [i for i in order if i != 0]
+    return format_problem(start, ops, order, countdown)
 
 
-def parse_problem(problem: str) -> tuple[int, list[tuple[str, int]]]:
-    """Inverse of :func:`format_problem`: ``(start, ops in tag order)``; ``ValueError`` if malformed
-    (including tags that are not exactly ``a``, ``b``, ... once each)."""
+def parse_problem(problem: str, countdown: bool = True) -> tuple[int, list[tuple[str, int]]]:
+    """Inverse of :func:`format_problem`: ``(start, ops in execution order)``; ``ValueError`` if malformed
+    (tags that are not exactly ``a``, ``b``, ... once each; with ``countdown``, a first listed op that is
+    not the highest letter)."""
     text = problem.strip()
     m = _PROBLEM_RE.match(text)
     if not m:
         raise ValueError(f"not a chain problem: {problem!r}")
     found = {}
-    for g in _OP_RE.findall(m.group(2)):
+    groups = _OP_RE.findall(m.group(2))
+    for g in groups:
         letter, op, d = g[0], g[1], g[2]
         if letter in found:
             raise ValueError(f"tag {letter!r} used twice in {problem!r}")
         found[letter] = (op, int(d))
     if sorted(found) != list(LETTERS[:len(found)]):
         raise ValueError(f"tags must be a..{LETTERS[len(found) - 1]}, got {''.join(sorted(found))!r}")
-    return int(m.group(1)) % MOD, [found[c] for c in LETTERS[:len(found)]]
+    k = len(found)
+    if countdown and groups[0][0] != LETTERS[k - 1]:
+        raise ValueError(f"a countdown problem starts with its highest tag {LETTERS[k - 1]!r}: {problem!r}")
+    return int(m.group(1)) % MOD, [found[tag(i, k, countdown)] for i in range(k)]
 
 
 def format_prompt(problem_text: str) -> str:
@@ -132,21 +153,21 @@ def format_prompt(problem_text: str) -> str:
     return problem_text.strip() + "\n"
 
 
-def solve(problem: str) -> str:
+def solve(problem: str, countdown: bool = True) -> str:
     """The reference chain of thought for a problem text (one fixed-width line per step)."""
-    x, ops = parse_problem(problem)
+    x, ops = parse_problem(problem, countdown)
     lines = []
     for i, (op, d) in enumerate(ops):
         y = apply_op(x, op, d)
-        lines.append(f"{x:02d} {LETTERS[i]}{op}{d}={y:02d}")
+        lines.append(f"{x:02d} {tag(i, len(ops), countdown)}{op}{d}={y:02d}")
         x = y
     lines.append(f"{ANSWER_PREFIX}{x:02d}")
     return "\n".join(lines)
 
 
-def answer_of(problem: str) -> str:
+def answer_of(problem: str, countdown: bool = True) -> str:
     """The reference answer (two digits, zero padded)."""
-    x, ops = parse_problem(problem)
+    x, ops = parse_problem(problem, countdown)
     for op, d in ops:
         x = apply_op(x, op, d)
     return f"{x:02d}"

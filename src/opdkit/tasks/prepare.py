@@ -3,9 +3,9 @@
 Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
 (solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
 (teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
-(drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, off in the
-shipped recipe) make a batch ragged, and it is right-padded. The student is stopped early, at the
-start of its accuracy transition, so it has low but non-zero pass@1 and headroom for OPD.
+(drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, the
+teacher's last phase) make a batch ragged, and it is right-padded. The student is stopped early, at
+low but non-zero pass@1, so it has headroom for OPD.
 
     python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
 
@@ -13,7 +13,8 @@ writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokeniz
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
 accuracies). Fixed seeds and data order make it reproducible for a given thread count (the default
 single thread); the shipped files' reproducibility check and build times are in the README ("The CPU
-miniature"). With ``TEACHER_SLIPS = (0, 0)`` the recipe trains on exactly the clean traces it always did.
+miniature"). The first two phases of each model are the first shipped recipe, unchanged (same data,
+tested by digest); the last phase trains on the countdown format of :mod:`opdkit.tasks.chain`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +51,7 @@ from opdkit.tasks.chain import (
     make_train_prompts,
     parse_problem,
     random_problem,
+    tag,
     trace_length,
     write_jsonl,
 )
@@ -65,8 +68,17 @@ BATCH_SIZE = 32
 WARMUP = 50
 
 
+def _draws(problem: str, countdown: bool = True) -> tuple:
+    """A problem's random draws (start, ops in execution order, listed tags as steps): the same problem
+    in either format."""
+    x, ops = parse_problem(problem, countdown)
+    k = len(ops)
+    steps = {tag(i, k, countdown): i for i in range(k)}
+    return x, tuple(ops), tuple(steps[g[0]] for g in problem.split()[1:])
+
+
 def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
-                     p_extra: float = 0.0) -> list[tuple[str, bool]]:
+                     p_extra: float = 0.0, countdown: bool = True) -> list[tuple[str, bool]]:
     """The solution of ``problem`` as ``[(text, trained)]`` segments, with injected off-track parts.
 
     With probability ``p_slip`` one step's result is wrong (a random other value) and the trace goes on
@@ -77,13 +89,14 @@ def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
     step, the off-track prefixes on which on-policy distillation asks it. Both 0: ``solve(p)`` line by
     line, all trained.
     """
-    x, ops = parse_problem(problem)
+    x, ops = parse_problem(problem, countdown)
+    k = len(ops)
     slip_at = rng.randrange(len(ops)) if rng.random() < p_slip else -1
     extra = rng.random() < p_extra
     segs: list[tuple[str, bool]] = []
     for i, (op, d) in enumerate(ops):
         y = apply_op(x, op, d)
-        head = f"{x:02d} {LETTERS[i]}{op}{d}="
+        head = f"{x:02d} {tag(i, k, countdown)}{op}{d}="
         if i == slip_at:
             y = (y + rng.randrange(1, MOD)) % MOD
             segs += [(head, True), (f"{y:02d}", False), ("\n", True)]
@@ -91,28 +104,31 @@ def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
             segs.append((f"{head}{y:02d}\n", True))
         x = y
     if extra:
-        letter = rng.choice([LETTERS[min(len(ops), MAX_K - 1)], LETTERS[rng.randrange(len(ops))]])
+        nxt = LETTERS[rng.randrange(k)] if countdown else LETTERS[min(k, MAX_K - 1)]  # no next tag after a
+        letter = rng.choice([nxt, LETTERS[rng.randrange(k)]])
         op, d = rng.choice(OPS), rng.choice(DIGITS)
         segs.append((f"{x:02d} {letter}{op}{d}={apply_op(x, op, d):02d}\n", False))
     segs.append((f"{ANSWER_PREFIX}{x:02d}", True))
     return segs
 
 
-def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE, slips: tuple[float, float] = (0.0, 0.0)):
+def train_batches(seed: int, batch_size: int, k_range=TRAIN_K_RANGE, slips: tuple[float, float] = (0.0, 0.0),
+                  countdown: bool = True):
     """Deterministic stream of ``[(problem, segments)] * batch_size`` lists sharing one k per batch.
 
     ``slips`` = ``(p_slip, p_extra)`` of :func:`slipped_solution`, drawn from a stream of their own so
-    the problems are the same with or without them."""
+    the problems are the same with or without them; ``countdown``: the shipped format (``False``: the
+    first format, of the curriculum's first phases; the same random draws)."""
     rng = random.Random(f"opdkit-chain-sft-{seed}")
     slip_rng = random.Random(f"opdkit-chain-slips-{seed}")
-    held_out = _held_out_problems()
+    held_out = {_draws(p) for p in _held_out_problems()}  # compared by their draws: either format
     while True:
         k = rng.randint(*k_range)
         batch = []
         while len(batch) < batch_size:
-            problem = random_problem(rng, k)
-            if problem not in held_out:
-                batch.append((problem, slipped_solution(problem, slip_rng, *slips)))
+            problem = random_problem(rng, k, countdown=countdown)
+            if _draws(problem, countdown) not in held_out:
+                batch.append((problem, slipped_solution(problem, slip_rng, *slips, countdown=countdown)))
         yield batch
 
 
@@ -141,11 +157,12 @@ def encode_batch(tok, batch):
 def sft(model, tok, *, steps: int, lr: float, seed: int, batch_size: int = BATCH_SIZE,
         warmup: int = WARMUP, schedule: str = "cosine", desc: str = "sft", progress: bool = True,
         eval_every: int = 0, eval_fn=None, k_range=TRAIN_K_RANGE, stop_after: int | None = None,
-        slips: tuple[float, float] = (0.0, 0.0)) -> dict:
+        slips: tuple[float, float] = (0.0, 0.0), countdown: bool = True) -> dict:
     """Teacher-forced CE on response tokens. Returns ``{final_loss, losses (every 50), evals}``.
 
     ``stop_after``: stop early after this many steps of a ``steps``-long schedule (the student's early stop).
-    ``slips``: ``(p_slip, p_extra)`` of :func:`slipped_solution` (the teacher's off-track traces).
+    ``slips``: ``(p_slip, p_extra)`` of :func:`slipped_solution` (the teacher's off-track traces);
+    ``countdown``: train on the shipped format (``False``: the first format).
     """
     from tqdm.auto import tqdm
 
@@ -165,7 +182,7 @@ def sft(model, tok, *, steps: int, lr: float, seed: int, batch_size: int = BATCH
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    data = train_batches(seed, batch_size, k_range, slips)
+    data = train_batches(seed, batch_size, k_range, slips, countdown)
     losses, evals, ema = [], [], None
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -272,36 +289,51 @@ def _build(spec: TinyQwen3Spec, tok, seed: int, qk_gain: float = QK_NORM_GAIN, r
     return model
 
 
-# The shipped checkpoints' recipe: a curriculum. Phase A trains on short chains (k in 2..8), where the
-# induction-style lookup (from a trace line's letter to the operation in the prompt) emerges; phase B
+class Phase(NamedTuple):
+    """One ``sft`` call of the curriculum (fresh AdamW, batch 32): steps, peak lr, data seed, schedule,
+    warmup steps, k range, early stop (steps run of ``steps``; None: all), task format, slips."""
+
+    steps: int
+    lr: float
+    seed: int
+    schedule: str
+    warmup: int
+    k_range: tuple[int, int]
+    stop_after: int | None = None
+    countdown: bool = True
+    slips: tuple[float, float] = (0.0, 0.0)
+
+
+# The shipped checkpoints' recipe: a curriculum, all of it in the countdown format of
+# :mod:`opdkit.tasks.chain` (trained from scratch: warm-starting the first format's checkpoints on it left
+# the student unable to relearn its first step, #13). Phase A trains on short chains (k in 2..8), where
+# the induction-style lookup (from a trace line's letter to the operation in the prompt) emerges; phase B
 # widens to the training range. Without phase A the lookup was not learned in 1,200 steps (the per-step
-# NLL of the operand digit stayed at log 8). Each phase is one ``sft`` call (fresh AdamW, batch 32):
-# (steps, lr, data seed, schedule, warmup, k_range, stop_after).
-TEACHER_PHASES = ((800, 1e-3, 0, "constant", 50, (2, 8), None), (600, 1e-3, 5, "cosine", 20, (4, 24), None))
-# The student has the teacher's depth at half the width (2 layers could not learn the two-hop lookup of
-# the operand digit); it is stopped in the middle of phase B, at low but non-zero pass@1.
-STUDENT_PHASES = ((2000, 3e-3, 0, "constant", 50, (2, 8), None), (1000, 3e-3, 5, "cosine", 20, (4, 24), 500))
-CURRICULUM_STUDENT_SPEC = TinyQwen3Spec(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4,
-                                        num_kv_heads=2, head_dim=16, intermediate_size=192,
-                                        max_position_embeddings=1024)
-
-
-# ``(p_slip, p_extra)`` of the teacher's off-track traces (``slipped_solution``): off in the shipped recipe.
-# Measured for #13 with (0.25, 0.25) and the operations listed in order (README, "The CPU miniature"): the
-# teacher's p(stop) after one made-up extra step rose from 0.002-0.004 to 0.97-1.00, but its greedy accuracy
-# fell to 71 / 67 / 63 / 2 % on chain8 / 12 / 16 / 24 (wrong operation fetched from line 16 on at k = 24).
-TEACHER_SLIPS = (0.0, 0.0)
+# NLL of the operand digit stayed at log 8). The teacher's phase B also trains on off-track traces
+# (``slips``: one wrong result, or one made-up extra line, in a quarter of the traces each, never a
+# training target), so it stays right on the student's own off-track prefixes, where OPD asks it.
+TEACHER_PHASES = (Phase(800, 1e-3, 0, "constant", 50, (2, 8)),
+                  Phase(600, 1e-3, 5, "cosine", 20, (4, 24), slips=(0.25, 0.25)))
+# The student has the teacher's shape (4 x 128) and its phases without the slips, from another model seed,
+# and is stopped early in phase B (after 100 of its 600 steps): capable (the teacher's capacity; the lookup
+# and the stop are learned in phase A) but under-trained on long chains. Narrower or shallower students
+# (4 x 64, 3 x 128, 4 x 96) either never learned the lookup or were not moved by OPD on the dev seeds (#13,
+# docs/experiments/issue13/README.md).
+STUDENT_PHASES = (Phase(800, 1e-3, 0, "constant", 50, (2, 8)),
+                  Phase(600, 1e-3, 5, "cosine", 20, (4, 24), 100))
+CURRICULUM_STUDENT_SPEC = TEACHER_SPEC
 
 
 def train_curriculum(spec: TinyQwen3Spec, tok, model_seed: int, phases, *, progress: bool = True,
-                     desc: str = "sft", slips: tuple[float, float] = (0.0, 0.0)) -> tuple[object, list]:
-    """Build a model and run the SFT phases in order (each with ``slips``); returns (model, per-phase logs)."""
+                     desc: str = "sft") -> tuple[object, list]:
+    """Build a model and run the SFT phases in order; returns (model, per-phase logs)."""
     model = _build(spec, tok, model_seed)
     logs = []
-    for i, (steps, lr, seed, sched, warmup, k_range, stop) in enumerate(phases):
-        logs.append(sft(model, tok, steps=steps, lr=lr, seed=seed, schedule=sched, warmup=warmup,
-                        k_range=k_range, stop_after=stop, desc=f"{desc} phase {i + 1}", progress=progress,
-                        slips=slips))
+    for i, ph in enumerate(phases):
+        logs.append(sft(model, tok, steps=ph.steps, lr=ph.lr, seed=ph.seed, schedule=ph.schedule,
+                        warmup=ph.warmup, k_range=ph.k_range, stop_after=ph.stop_after,
+                        desc=f"{desc} phase {i + 1}", progress=progress, slips=ph.slips,
+                        countdown=ph.countdown))
     return model, logs
 
 
@@ -314,21 +346,21 @@ def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int 
                       student_steps: int = STUDENT_STEPS, threads: int = 1, progress: bool = True,
                       n_sampled: int = 4, n_train_prompts: int = 2048, eval_every: int = 0,
                       roles: tuple[str, ...] = ("teacher", "student"),
-                      student_stop_after: int | None = STUDENT_PHASES[-1][6]) -> dict:
+                      student_stop_after: int | None = STUDENT_PHASES[-1].stop_after) -> dict:
     """Train and save the teacher and the early-stopped student; return (and write) the report.
 
     Runs the curriculum of ``TEACHER_PHASES`` / ``STUDENT_PHASES`` (the recipe of the shipped checkpoints);
     ``teacher_steps`` / ``student_steps`` / ``eval_every`` are not used by it (kept for the CLI's flags).
     ``roles`` picks which of the two to build; ``student_stop_after`` replaces the student's early stop in
-    its last phase (default: the shipped recipe's, 500 of 1,000 steps; None: run the phase to its end).
+    its last phase (default: the shipped recipe's; None: run the phase to its end).
     """
     unknown = set(roles) - {"teacher", "student"}
     if unknown or not roles:
         raise ValueError(f"roles must be teacher and/or student, got {roles!r}")
     last = STUDENT_PHASES[-1]
-    if student_stop_after is not None and not 1 <= student_stop_after <= last[0]:
-        raise ValueError(f"student_stop_after must be in 1..{last[0]} or None, got {student_stop_after}")
-    student_phases = (*STUDENT_PHASES[:-1], (*last[:6], student_stop_after))
+    if student_stop_after is not None and not 1 <= student_stop_after <= last.steps:
+        raise ValueError(f"student_stop_after must be in 1..{last.steps} or None, got {student_stop_after}")
+    student_phases = (*STUDENT_PHASES[:-1], last._replace(stop_after=student_stop_after))
     torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,16 +381,15 @@ def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int 
               "train_k_range": list(TRAIN_K_RANGE), "benchmarks": {
                   n: {"k": BENCHMARK_KS[n], "rows": len(r), "plays": BENCHMARK_ROLE[n]} for n, r in benches.items()},
               "torch": torch.__version__, "python": platform.python_version(), "n_sampled": n_sampled}
-    for role, spec, phases, mseed, slips in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed, TEACHER_SLIPS),
-                                             ("student", CURRICULUM_STUDENT_SPEC, student_phases, seed + 1,
-                                              (0.0, 0.0))):
+    for role, spec, phases, mseed in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed),
+                                      ("student", CURRICULUM_STUDENT_SPEC, student_phases, seed + 1)):
         if role not in roles:
             continue
         t = time.time()
-        model, logs = train_curriculum(spec, tok, mseed, phases, progress=progress, desc=role, slips=slips)
-        log = {"phases": [list(map(str, ph)) for ph in phases], "slips": list(slips), "phase_logs": logs}
-        steps = sum(ph[6] if ph[6] is not None else ph[0] for ph in phases)
-        lr, sched = phases[-1][1], "curriculum"
+        model, logs = train_curriculum(spec, tok, mseed, phases, progress=progress, desc=role)
+        log = {"phases": [ph._asdict() for ph in phases], "phase_logs": logs}
+        steps = sum(ph.stop_after if ph.stop_after is not None else ph.steps for ph in phases)
+        lr, sched = phases[-1].lr, "curriculum"
         train_s = time.time() - t
         _save(model, tok, out / role)
         t = time.time()
@@ -385,7 +416,7 @@ def main(argv=None):
     ap.add_argument("--n-sampled", type=int, default=4, help="T=1 samples per problem in the report")
     ap.add_argument("--eval-every", type=int, default=0, help="probe chain12 T=1 pass@1 every N steps")
     ap.add_argument("--roles", default="teacher,student", help="which checkpoints to build")
-    ap.add_argument("--student-stop-after", type=int, default=STUDENT_PHASES[-1][6],
+    ap.add_argument("--student-stop-after", type=int, default=STUDENT_PHASES[-1].stop_after,
                     help="steps of the student's last phase (default: the shipped recipe's early stop; "
                          "0: the whole phase)")
     ap.add_argument("--quiet", action="store_true")
