@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--hint-lines", type=int, default=2, help="lines of the solution a context's {hint} holds")
     p.add_argument("--data", default="chain7",
                    help="benchmark name (chain8, chain12, math500, ...), chainK for any K (the miniature's task "
-                        "with K steps; the shipped student solves about half of chain7 at T = 1), or a .jsonl "
+                        "with K steps; the shipped student solves about 30 % of chain7 at T = 1), or a .jsonl "
                         "path; comma-separated for several")
     p.add_argument("--data-dir", default="", help="directory of registered benchmark files")
     p.add_argument("--n-rollouts", type=int, default=64, help="student rollouts to diagnose")
