@@ -9,7 +9,7 @@ times, the update MFU and the pass-0 drift, then the peak memory and one JSON li
 
 Needs only torch, transformers and opdkit from ``src/`` (imported from this checkout)::
 
-    python benchmarks/gpu_check.py                 # one GPU, paper-like shapes (not run on a GPU yet)
+    python benchmarks/gpu_check.py                 # one GPU, paper-like shapes (H200 figures: README)
     python benchmarks/gpu_check.py --tiny --device cpu --new-tokens 8 --prompts 2 --samples 2
 
 MFU counts model FLOPs only: ``6 · N · tokens`` (N = student parameters, the tied LM head included)
