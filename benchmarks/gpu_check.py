@@ -55,11 +55,15 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", type=int, default=8, help="prompts per rollout step")
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens per random prompt")
+    ap.add_argument("--prompt-tokens-step", type=int, default=0,
+                    help="step i's prompts have prompt-tokens + i * this many tokens (new attention shapes each step)")
     ap.add_argument("--new-tokens", type=int, default=2048, help="exactly this many new tokens per response")
     ap.add_argument("--microbatch-size", type=int, default=8, help="sequences per update forward/backward")
     ap.add_argument("--max-cache-gb", type=float, default=24.0, help="rollout.max_cache_gb (KV-cache budget)")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="no gradient checkpointing in the update")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device, TFLOP/s")
+    ap.add_argument("--static-decode", action="store_true", help="rollout.static_decode=true (a CUDA graph per "
+                    "sampling chunk on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -113,15 +117,17 @@ def run(args) -> dict:
                              f"rollout.max_cache_gb={args.max_cache_gb}", "train.rollout_passes=1",
                              "train.minibatches_per_pass=1", "optim.lr=1e-6", "optim.warmup_updates=0",
                              "optim.schedule=constant", f"train.seed={args.seed}",
-                             f"train.microbatch_size={args.microbatch_size}"], need_models=False)
+                             f"train.microbatch_size={args.microbatch_size}",
+                             f"rollout.static_decode={str(args.static_decode).lower()}"], need_models=False)
     t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[1], pad_id=0)
     n_params = sum(p.numel() for p in student.parameters())
-    rows, seq = args.prompts * args.samples, args.prompt_tokens + args.new_tokens
-    flops = update_flops(TINY_STUDENT if args.tiny else STUDENT, n_params, rows, seq)
+    rows, spec = args.prompts * args.samples, TINY_STUDENT if args.tiny else STUDENT
     g = torch.Generator().manual_seed(args.seed)
     steps = []
     for i in range(args.steps):
-        prompts = torch.randint(3, V, (args.prompts, args.prompt_tokens), generator=g).tolist()
+        P = args.prompt_tokens + i * args.prompt_tokens_step
+        prompts = torch.randint(3, V, (args.prompts, P), generator=g).tolist()
+        flops = update_flops(spec, n_params, rows, P + args.new_tokens)
         updates = []
         _sync(device)
         rec = rollout_step(t, i, StepPrompts(prompts), on_update=updates.append)
@@ -148,8 +154,11 @@ def run(args) -> dict:
            "update_s": med(r["update_s"] for r in timed),
            "update_mfu": med(r["update_mfu"] for r in timed) if device.type == "cuda" else None,
            "pass0_drift_max": max(r["pass0_drift"] for r in steps),
-           # the hand-written decode step's check against the model's own forward, per (dtype, small)
-           "lean_step_checks": [{str(k[0]): ok for k, ok in v.items()} for v in _lean_verdicts()], "steps": steps}
+           "static_decode": args.static_decode, "prompt_tokens_step": args.prompt_tokens_step,
+           # the hand-written decode steps' checks against the model's own forward: "dtype[ StaticStep]"
+           "lean_step_checks": [{" ".join(map(str, k[:1] + k[2:])): ok for k, ok in v.items()}
+                                for v in _lean_verdicts()],
+           "steps": steps}
     if res["peak_mem_gb"] is not None:
         print(f"peak memory {res['peak_mem_gb']:.1f} GB (torch.cuda.max_memory_allocated)")
     print(json.dumps(res))

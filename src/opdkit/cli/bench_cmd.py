@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="float32", help="student (and default teacher) weights dtype")
     s.add_argument("--teacher-dtype", default="", help="teacher weights dtype (default: --dtype); a frozen "
                    "teacher in bfloat16 still gives float32 log-probs (float32 LM head on bf16 hidden states)")
+    s.add_argument("--static-decode", action="store_true", help="rollout.static_decode=true: the static-shape "
+                   "decode step, compiled once (CPU) or a CUDA graph (CUDA); the warm-up step pays the compile")
     s.add_argument("--seed", type=int, default=0)
 
 
@@ -72,7 +74,8 @@ def run(args) -> int:
                              f"rollout.max_new_tokens={args.new_tokens}", f"rollout.min_new_tokens={args.new_tokens}",
                              "train.rollout_passes=1", "train.minibatches_per_pass=1", "optim.lr=1e-6",
                              "optim.warmup_updates=0", "optim.schedule=constant", f"train.seed={args.seed}",
-                             f"train.microbatch_size={args.microbatch_size}"], need_models=False)
+                             f"train.microbatch_size={args.microbatch_size}",
+                             f"rollout.static_decode={str(args.static_decode).lower()}"], need_models=False)
     t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[0], pad_id=0)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -84,7 +87,9 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         s, te, u = rec["time/sample"], rec["time/teacher"], rec["time/update"]
-        if i:  # the first step is a warm-up
+        if not i:
+            warmup_s = s + te + u
+        else:  # the first step is a warm-up (and pays a compile)
             rows.append((s + te + u, s, te, u, rec["generated_tokens"]))
         print(f"step {i}{' (warm-up)' if not i else ''}: {s + te + u:.3f} s (sample {s:.3f}, "
               f"teacher {te:.3f}, update {u:.3f})", flush=True)
@@ -94,7 +99,8 @@ def run(args) -> int:
            "generated_tokens_per_s": med(r[4] / r[1] for r in rows), "steps": args.steps,
            "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens, "threads": args.threads,
            "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
-           "teacher_dtype": _teacher_dtype(args)}
+           "teacher_dtype": _teacher_dtype(args),
+           "static_decode": args.static_decode, "warmup_step_s": warmup_s}
     print(json.dumps(res))
     return 0
 

@@ -228,18 +228,20 @@ _LEAN_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _check_run(step_cls, config, decoder, dtype, small, ids_BP, mask_BP, toks_NB):
     cache = make_cache("preallocated", config, ids_BP.shape[1] + len(toks_NB) + 1, dtype)
-    extra = (dtype, small) if step_cls is LeanStep else ()
+    extra = (dtype, small) if issubclass(step_cls, LeanStep) else ()
     step = step_cls(config, decoder, cache, mask_BP, len(toks_NB) + 1, "preallocated", *extra)
     hs = [prefill(decoder, cache, ids_BP, mask_BP)]
     hs += [step(tok_B, t) for t, tok_B in enumerate(toks_NB)]
     return torch.stack(hs).float()
 
 
-def lean_step_agrees(config, decoder, dtype: torch.dtype, small: bool) -> bool:
-    """Whether :class:`LeanStep` gives the decoder's own hidden states on a small input (2 rows, one
-    left-padded, 3 decode steps): ``max|h_lean − h_model| <= rtol · max(1, max|h_model|)``. The verdict
-    is cached per decoder module and (dtype, small); a disagreement warns once."""
-    key = (dtype, small)
+def lean_step_agrees(config, decoder, dtype: torch.dtype, small: bool, step_cls=None) -> bool:
+    """Whether :class:`LeanStep` (or ``step_cls``, a subclass run eagerly) gives the decoder's own hidden
+    states on a small input (2 rows, one left-padded, 3 decode steps):
+    ``max|h_lean − h_model| <= rtol · max(1, max|h_model|)``. The verdict is cached per decoder module and
+    (dtype, small, class); a disagreement warns once."""
+    step_cls = step_cls or LeanStep
+    key = (dtype, small) if step_cls is LeanStep else (dtype, small, step_cls.__name__)
     verdicts = _LEAN_VERDICTS.setdefault(decoder, {})
     if key in verdicts:
         return verdicts[key]
@@ -251,16 +253,17 @@ def lean_step_agrees(config, decoder, dtype: torch.dtype, small: bool) -> bool:
     toks_NB = torch.randint(0, V, (3, 2), generator=g).to(device)
     ref = _check_run(DecodeStep, config, decoder, dtype, small, ids_BP, mask_BP, toks_NB)
     try:
-        lean = _check_run(LeanStep, config, decoder, dtype, small, ids_BP, mask_BP, toks_NB)
+        lean = _check_run(step_cls, config, decoder, dtype, small, ids_BP, mask_BP, toks_NB)
         err = float((lean - ref).abs().max())
     except Exception as e:  # noqa: BLE001 - any failure of the hand-written path means: use the model's own
         err, lean = float("inf"), e
     tol = LEAN_CHECK_RTOL.get(dtype, 1e-2) * max(1.0, float(ref.abs().max()))
     ok = err <= tol  # NaN compares False
     if not ok:
-        warnings.warn(f"opdkit sampler: the lean decode step disagrees with the model's own forward "
+        instead = "the lean step" if step_cls is not LeanStep else "the model's forward"
+        warnings.warn(f"opdkit sampler: the {step_cls.__name__} decode step disagrees with the model's own forward "
                       f"(max |diff| {err:.3g} > {tol:.3g}{'' if not isinstance(lean, Exception) else f'; {lean!r}'}); "
-                      "sampling with the model's forward instead (slower, same results)", stacklevel=3)
+                      f"sampling with {instead} instead (slower, same results)", stacklevel=3)
     verdicts[key] = ok
     return ok
 
@@ -270,8 +273,16 @@ def is_small(model) -> bool:
     return sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS
 
 
-def decode_step(config, decoder, cache, prompt_mask_BP, N: int, kv_cache: str, dtype, small: bool):
-    """The lean step when supported and checked, else the model's own forward."""
-    if lean_supported(config, decoder, kv_cache) and lean_step_agrees(config, decoder, dtype, small):
-        return LeanStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)
-    return DecodeStep(config, decoder, cache, prompt_mask_BP, N, kv_cache)
+def decode_step(config, decoder, cache, prompt_mask_BP, N: int, kv_cache: str, dtype, small: bool,
+                static: str = ""):
+    """The lean step when supported and checked, else the model's own forward. ``static`` ("compile",
+    "cuda_graph"): the static-shape step of :mod:`opdkit.rollout.graph_step` in that mode, when it is
+    supported and checked too (else as without it)."""
+    if not (lean_supported(config, decoder, kv_cache) and lean_step_agrees(config, decoder, dtype, small)):
+        return DecodeStep(config, decoder, cache, prompt_mask_BP, N, kv_cache)
+    if static:
+        from opdkit.rollout.graph_step import StaticStep, static_supported
+
+        if static_supported(decoder) and lean_step_agrees(config, decoder, dtype, small, StaticStep):
+            return StaticStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
+    return LeanStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)

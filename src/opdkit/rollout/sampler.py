@@ -30,6 +30,7 @@ finished?" check (every step on CPU, every 8 on CUDA). ``benchmarks/bench_sample
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from opdkit.rollout import decode_steps
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.decode_steps import KV_CACHES, kv_bytes_per_token, make_cache, prefill
+from opdkit.rollout.graph_step import StaticStep, static_mode
 from opdkit.rollout.scoring import decoder_and_head
 from opdkit.rollout.token_sampling import TopPFilter, row_uniforms, sample_next
 
@@ -56,7 +58,9 @@ class SamplingParams:
     max_new_tokens: response length cap (>= 1). min_new_tokens: EOS is suppressed before this many
     tokens (0 <= min_new_tokens <= max_new_tokens). samples_per_prompt: rows per prompt (>= 1).
     max_cache_gb: KV-cache budget in GB (1e9 bytes) per call; rows are sampled in chunks that fit
-    (opdkit extension); 0 = no limit (one chunk).
+    (opdkit extension); 0 = no limit (one chunk). static_decode: decode with the static-shape step of
+    :mod:`opdkit.rollout.graph_step` (Qwen3 / Qwen2 / Llama), compiled once on CPU, captured as a CUDA
+    graph on CUDA; finished rows then stay in the batch (opdkit extension; same tokens up to rounding).
     """
 
     temperature: float = 1.0
@@ -66,6 +70,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     samples_per_prompt: int = 1
     max_cache_gb: float = 0.0
+    static_decode: bool = False
 
     def __post_init__(self):
         def bad(name, rng):
@@ -86,6 +91,8 @@ class SamplingParams:
         if not (isinstance(self.max_cache_gb, (int, float)) and math.isfinite(self.max_cache_gb)
                 and self.max_cache_gb >= 0):
             bad("max_cache_gb", "a finite number of GB >= 0 (0 = no limit)")
+        if not isinstance(self.static_decode, bool):
+            bad("static_decode", "True or False")
 
 
 def _left_pad(prompts: list[list[int]], repeats: int, pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -163,7 +170,7 @@ def sample_rollouts(model, prompts: list[list[int]], params: SamplingParams, *, 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False), decode_attention(device):
             smodel = _sampling_model(model, dtype)
             decoder, _ = decoder_and_head(smodel)
             small = decode_steps.is_small(model)
@@ -186,6 +193,18 @@ def sample_rollouts(model, prompts: list[list[int]], params: SamplingParams, *, 
         stop_reasons=["eos" if e else "length" for e in ended_B.tolist()],
         answers=[a for a in answers for _ in range(S)] if answers is not None else [],
     ).trimmed()
+
+
+def decode_attention(device: torch.device):
+    """SDPA backends for decoding on CUDA: flash, memory-efficient, math; not cuDNN. cuDNN attention builds
+    an execution plan per new shape, and a decode loop meets a new key length at every step: measured on
+    an H200 (torch 2.11), lean-step sampling of 512 tokens with a new prompt length took 36 s, against
+    3.6 s for one shape per call (docs/experiments/issue15). A no-op elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
@@ -259,7 +278,9 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
     """
     (B, P), N, device = prompt_ids_BP.shape, params.max_new_tokens, prompt_ids_BP.device
     cache = make_cache(kv_cache, config, P + N, dtype)
-    step = decode_steps.decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)
+    static = static_mode(device) if params.static_decode else ""
+    step = decode_steps.decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
+    drop_rows = kv_cache == "preallocated" and not isinstance(step, StaticStep)  # static shapes keep every row
     h_AH = prefill(decoder, cache, prompt_ids_BP, prompt_mask_BP)
     tok_BN = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     logp_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
@@ -283,7 +304,7 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
             n_done = int(done_A.sum())
             if n_done == len(act_A):
                 break
-            if kv_cache == "preallocated" and 4 * n_done >= len(act_A) > 1:
+            if drop_rows and 4 * n_done >= len(act_A) > 1:
                 keep_A = (~done_A).nonzero().squeeze(1)
                 ended_B[act_A[done_A]] = True
                 for layer in cache.layers:

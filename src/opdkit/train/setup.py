@@ -135,7 +135,7 @@ def sampling_params(cfg: Config) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                           min_new_tokens=r.min_new_tokens, samples_per_prompt=r.samples_per_prompt,
-                          max_cache_gb=r.max_cache_gb)
+                          max_cache_gb=r.max_cache_gb, static_decode=r.static_decode)
 
 
 def _apply_lora(cfg: Config, model):

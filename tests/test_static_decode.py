@@ -1,0 +1,139 @@
+"""The static-shape decode step (opdkit.rollout.graph_step): same samples as the lean step, eagerly and
+compiled, its check against the model's own forward with the fallback, and the eager fallback when
+compiling fails.
+
+Tolerance: the static step attends over all P + N columns (the closed ones with weight exactly 0) where the
+lean step attends over the prefix, so the float32 sums differ in order only: log-probs agree to a few
+float32 roundings of values of size ~5 (observed 1e-6; 1e-5 allowed), and the tokens are identical.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from opdkit.rollout import decode_steps, graph_step
+from opdkit.rollout.graph_step import StaticStep
+from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
+
+V, PAD = 64, 0
+# left padding (rows of different lengths) and EOS ids that end rows at different steps
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [20, 21, 22, 23, 24, 25]]
+
+
+def _model(seed=0):
+    return tiny_qwen3(TinyQwen3Spec(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    head_dim=8, intermediate_size=64), seed=seed)
+
+
+def _sample(model, static, n=24, **kw):
+    p = SamplingParams(max_new_tokens=n, samples_per_prompt=2, static_decode=static, **kw)
+    return sample_rollouts(model, PROMPTS, p, eos_token_ids=[2, 7, 11], pad_token_id=PAD,
+                           generator=torch.Generator().manual_seed(3))
+
+
+def _same(a, b):
+    assert torch.equal(a.response_ids_BT, b.response_ids_BT)
+    assert torch.equal(a.response_mask_BT, b.response_mask_BT) and a.stop_reasons == b.stop_reasons
+    torch.testing.assert_close(a.logp_old_BT, b.logp_old_BT, atol=1e-5, rtol=0)
+
+
+def _force_mode(monkeypatch, mode):
+    """Make the sampler ask for ``mode``; returns the list of the steps it decodes with (their mode, or
+    the class name of a non-static step)."""
+    monkeypatch.setattr("opdkit.rollout.sampler.static_mode", lambda device: mode)
+    used = []
+    real = decode_steps.decode_step
+
+    def spy(*a, **kw):
+        step = real(*a, **kw)
+        used.append(step.mode if isinstance(step, StaticStep) else type(step).__name__)
+        return step
+
+    monkeypatch.setattr(decode_steps, "decode_step", spy)
+    return used
+
+
+def test_static_step_eager_equals_lean_step(monkeypatch):
+    model = _model()
+    lean = _sample(model, False)
+    used = _force_mode(monkeypatch, "eager")
+    static = _sample(model, True)
+    assert used == ["eager"]
+    assert len(set(lean.response_lengths_B.tolist())) > 1 and "eos" in lean.stop_reasons  # rows end apart
+    _same(lean, static)
+
+
+def test_static_step_is_checked_and_falls_back_to_the_lean_step(monkeypatch):
+    """A wrong static step (here: the norm weights ignored) fails the check: warn, sample with the lean step."""
+    model = _model()
+    lean = _sample(model, False)
+    real = graph_step._step_fn
+
+    def wrong(tok_B, pos_1, t_1, embed_VH, layers, *rest):
+        return real(tok_B, pos_1, t_1, embed_VH, [(torch.ones_like(l[0]), *l[1:]) for l in layers], *rest) * 1.5
+
+    monkeypatch.setattr(graph_step, "_step_fn", wrong)
+    used = _force_mode(monkeypatch, "eager")
+    with pytest.warns(UserWarning, match="StaticStep decode step disagrees"):
+        out = _sample(model, True)
+    assert used == ["LeanStep"]
+    _same(lean, out)
+
+
+def test_failed_compile_warns_and_decodes_eagerly(monkeypatch):
+    model = _model()
+    lean = _sample(model, False)
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(graph_step, "_COMPILED", {})
+    used = _force_mode(monkeypatch, "compile")
+    with pytest.warns(UserWarning, match="compile decode step failed"):
+        out = _sample(model, True)
+    assert used == ["compile"]  # chosen; it fell back to eager at its first call
+    _same(lean, out)
+
+
+def test_static_step_keeps_every_row():
+    model = _model()
+    cache = decode_steps.make_cache("preallocated", model.config, 8, torch.float32)
+    step = StaticStep(model.config, model.model, cache, torch.ones(2, 4, dtype=torch.long), 4, "preallocated",
+                      torch.float32, True)
+    with pytest.raises(RuntimeError, match="keeps every row"):
+        step.select(torch.tensor([0]))
+    with pytest.raises(ValueError, match="eager, compile or cuda_graph"):
+        StaticStep(model.config, model.model, cache, torch.ones(2, 4, dtype=torch.long), 4, "preallocated",
+                   torch.float32, True, mode="jit")
+
+
+def test_static_decode_field_is_checked():
+    with pytest.raises(ValueError, match="static_decode"):
+        SamplingParams(static_decode="yes")
+
+
+@pytest.mark.slow
+def test_compiled_static_step_equals_lean_step(monkeypatch):
+    """torch.compile (inductor, C++ on CPU): the same samples as the lean step, and a second call of the same
+    shape reuses the compiled step (no recompile)."""
+    import torch._dynamo as dynamo
+
+    model = _model()
+    lean = _sample(model, False)
+    monkeypatch.setattr(graph_step, "_COMPILED", {})
+    used = _force_mode(monkeypatch, "compile")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="opdkit sampler")  # no fallback: the compiled step ran
+        first = _sample(model, True)
+        n_frames = dynamo.utils.counters["stats"]["unique_graphs"]
+        second = _sample(model, True)
+    assert used == ["compile", "compile"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == n_frames
+    _same(lean, first)
+    _same(lean, second)
+
