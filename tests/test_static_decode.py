@@ -137,3 +137,19 @@ def test_compiled_static_step_equals_lean_step(monkeypatch):
     _same(lean, first)
     _same(lean, second)
 
+
+
+def test_decoding_on_cuda_excludes_cudnn_attention():
+    """cuDNN SDPA plans every new key length (60 ms each, measured on an H200): the sampler's context for
+    CUDA turns it off, keeps flash / memory-efficient / math, and restores the flags afterwards."""
+    from opdkit.rollout.sampler import decode_attention
+
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    with decode_attention(torch.device("cuda")):
+        assert not b.cudnn_sdp_enabled()
+        assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+    assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),
+            b.math_sdp_enabled()) == before
+    with decode_attention(torch.device("cpu")):  # a no-op elsewhere
+        assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled()) == before[:2]

@@ -12,8 +12,9 @@ device check measured 12 ms per decode step of 32 rows of a 1.7B model, where th
 - the RoPE rows of the step are picked with a tensor index.
 
 On CPU the step function is compiled by ``torch.compile(dynamic=False)`` (inductor fuses the norms,
-RoPE and the gated MLP into a few C++ kernels); it recompiles for each new (rows, length, dtype), so it
-pays for long runs of one shape (a benchmark, fixed-length rollouts), not for a first call. On CUDA one
+RoPE and the gated MLP into a few C++ kernels); it recompiles for each new (rows, length, dtype), and on
+our 2-core CI CPU a whole rollout step measured no faster with it than with the lean step (README, #15),
+so it is there for completeness and testing, not speed. On CUDA one
 decode step is captured as a CUDA graph per sampling chunk and replayed per token (one launch per token
 instead of hundreds). Finished rows are not dropped from the batch (static shapes); all-rows-finished
 still ends the loop. If compiling or capturing fails, the step warns once and runs eagerly (same math).
@@ -44,7 +45,7 @@ def _step_fn(tok_B, pos_1, t_1, embed_VH, layers, kv, cos_BN1D, sin_BN1D, add_ma
     mask = add_mask_B11L.masked_fill(col_L > pos_1, float("-inf"))  # columns after the current one closed
     for (w_in, qkv, qn_w, kn_w, w_o, b_o, w_post, gate_up, w_d, b_d), (K, V) in zip(layers, kv):
         x = F.rms_norm(h_BH, h_BH.shape[-1:], w_in, eps)
-        q, k, v = _proj(x, qkv, (nh * D, nkv * D, nkv * D))
+        q, k, v = LeanStep._proj(x, qkv, (nh * D, nkv * D, nkv * D))
         q, k = q.view(B, nh, D), k.view(B, nkv, D)
         q = F.rms_norm(q, (D,), qn_w, eps) if qn_w is not None else q
         k = F.rms_norm(k, (D,), kn_w, eps) if kn_w is not None else k
@@ -55,14 +56,9 @@ def _step_fn(tok_B, pos_1, t_1, embed_VH, layers, kv, cos_BN1D, sin_BN1D, add_ma
         o = F.scaled_dot_product_attention(qk[:, :nh].reshape(B, nkv, nh // nkv, D), K, V, attn_mask=mask,
                                            scale=scale)  # GQA: query heads grouped by kv head
         h_BH = torch.addmm(h_BH if b_o is None else h_BH + b_o, o.reshape(B, nh * D), w_o)
-        g, u = _proj(F.rms_norm(h_BH, h_BH.shape[-1:], w_post, eps), gate_up, (inter, inter))
+        g, u = LeanStep._proj(F.rms_norm(h_BH, h_BH.shape[-1:], w_post, eps), gate_up, (inter, inter))
         h_BH = torch.addmm(h_BH if b_d is None else h_BH + b_d, F.silu(g) * u, w_d)
     return F.rms_norm(h_BH, h_BH.shape[-1:], norm_w, eps)
-
-
-def _proj(x, weights, sizes):
-    outs = [x @ w if b is None else torch.addmm(b, x, w) for w, b in weights]
-    return outs[0].split(sizes, dim=-1) if len(outs) == 1 else outs
 
 
 class StaticStep(LeanStep):
