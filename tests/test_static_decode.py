@@ -15,28 +15,15 @@ import torch
 from opdkit.rollout import decode_steps, graph_step
 from opdkit.rollout.graph_step import StaticStep
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
-from opdkit.runtime.models import TinyQwen3Spec, tiny_qwen3
 
-V, PAD = 64, 0
-# left padding (rows of different lengths) and EOS ids that end rows at different steps
-PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [20, 21, 22, 23, 24, 25]]
-
-
-def _model(seed=0):
-    return tiny_qwen3(TinyQwen3Spec(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    head_dim=8, intermediate_size=64), seed=seed)
+# the sampler tests' tiny model, prompts (left padding: rows of different lengths) and comparison
+from test_sampler_gpu_path import PAD, PROMPTS, _model, _same
 
 
 def _sample(model, static, n=24, **kw):
     p = SamplingParams(max_new_tokens=n, samples_per_prompt=2, static_decode=static, **kw)
     return sample_rollouts(model, PROMPTS, p, eos_token_ids=[2, 7, 11], pad_token_id=PAD,
                            generator=torch.Generator().manual_seed(3))
-
-
-def _same(a, b):
-    assert torch.equal(a.response_ids_BT, b.response_ids_BT)
-    assert torch.equal(a.response_mask_BT, b.response_mask_BT) and a.stop_reasons == b.stop_reasons
-    torch.testing.assert_close(a.logp_old_BT, b.logp_old_BT, atol=1e-5, rtol=0)
 
 
 def _force_mode(monkeypatch, mode):
