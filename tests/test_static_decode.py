@@ -31,14 +31,14 @@ def _force_mode(monkeypatch, mode):
     the class name of a non-static step)."""
     monkeypatch.setattr("opdkit.rollout.sampler.static_mode", lambda device: mode)
     used = []
-    real = decode_steps.decode_step
+    real = graph_step.pick_decode_step
 
     def spy(*a, **kw):
         step = real(*a, **kw)
         used.append(step.mode if isinstance(step, StaticStep) else type(step).__name__)
         return step
 
-    monkeypatch.setattr(decode_steps, "decode_step", spy)
+    monkeypatch.setattr(graph_step, "pick_decode_step", spy)
     return used
 
 

@@ -273,16 +273,8 @@ def is_small(model) -> bool:
     return sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS
 
 
-def decode_step(config, decoder, cache, prompt_mask_BP, N: int, kv_cache: str, dtype, small: bool,
-                static: str = ""):
-    """The lean step when supported and checked, else the model's own forward. ``static`` ("compile",
-    "cuda_graph"): the static-shape step of :mod:`opdkit.rollout.graph_step` in that mode, when it is
-    supported and checked too (else as without it)."""
-    if not (lean_supported(config, decoder, kv_cache) and lean_step_agrees(config, decoder, dtype, small)):
-        return DecodeStep(config, decoder, cache, prompt_mask_BP, N, kv_cache)
-    if static:
-        from opdkit.rollout.graph_step import StaticStep, static_supported
-
-        if static_supported(decoder) and lean_step_agrees(config, decoder, dtype, small, StaticStep):
-            return StaticStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
-    return LeanStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)
+def decode_step(config, decoder, cache, prompt_mask_BP, N: int, kv_cache: str, dtype, small: bool):
+    """The lean step when supported and checked, else the model's own forward."""
+    if lean_supported(config, decoder, kv_cache) and lean_step_agrees(config, decoder, dtype, small):
+        return LeanStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)
+    return DecodeStep(config, decoder, cache, prompt_mask_BP, N, kv_cache)

@@ -30,7 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from opdkit.rollout.decode_steps import LeanStep
+from opdkit.rollout import decode_steps
+from opdkit.rollout.decode_steps import LeanStep, lean_step_agrees, lean_supported
 
 _COMPILED = {}  # one torch.compile wrapper of _step_fn per process: its cache holds every shape compiled
 
@@ -135,6 +136,17 @@ def _capture(args):
     with torch.cuda.graph(graph):
         out_BH = _step_fn(*args)
     return graph, out_BH
+
+
+def pick_decode_step(config, decoder, cache, prompt_mask_BP, N: int, kv_cache: str, dtype, small: bool,
+                     static: str = ""):
+    """:class:`StaticStep` in mode ``static`` ("compile", "cuda_graph") when it is supported and its math
+    agrees with the model's own forward (as the lean step's must too); else, and without ``static``,
+    :func:`opdkit.rollout.decode_steps.decode_step` (the lean step or the model's forward)."""
+    if (static and lean_supported(config, decoder, kv_cache) and lean_step_agrees(config, decoder, dtype, small)
+            and static_supported(decoder) and lean_step_agrees(config, decoder, dtype, small, StaticStep)):
+        return StaticStep(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
+    return decode_steps.decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small)
 
 
 def static_supported(decoder) -> bool:

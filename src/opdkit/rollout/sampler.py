@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from opdkit.rollout import decode_steps
+from opdkit.rollout import decode_steps, graph_step
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.decode_steps import KV_CACHES, kv_bytes_per_token, make_cache, prefill
 from opdkit.rollout.graph_step import StaticStep, static_mode
@@ -279,7 +279,7 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
     (B, P), N, device = prompt_ids_BP.shape, params.max_new_tokens, prompt_ids_BP.device
     cache = make_cache(kv_cache, config, P + N, dtype)
     static = static_mode(device) if params.static_decode else ""
-    step = decode_steps.decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
+    step = graph_step.pick_decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
     drop_rows = kv_cache == "preallocated" and not isinstance(step, StaticStep)  # static shapes keep every row
     h_AH = prefill(decoder, cache, prompt_ids_BP, prompt_mask_BP)
     tok_BN = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
