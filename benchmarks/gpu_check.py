@@ -133,7 +133,7 @@ def run(args) -> dict:
         rec = rollout_step(t, i, StepPrompts(prompts), on_update=updates.append)
         _sync(device)
         s, te, u = rec["time/sample"], rec["time/teacher"], rec["time/update"]
-        row = {"step": i, "sample_s": s, "teacher_s": te, "update_s": u,
+        row = {"step": i, "prompt_tokens": P, "sample_s": s, "teacher_s": te, "update_s": u,
                "sample_tokens_per_s": rec["generated_tokens"] / s, "generated_tokens": rec["generated_tokens"],
                "update_mfu": flops / u / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
                "pass0_drift": float(updates[0]["drift_abs_mean"]), "loss": float(rec["loss"])}

@@ -12,11 +12,13 @@ def test_gpu_check_tiny_cpu(capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     res = mod.run(mod.parse_args(["--tiny", "--device", "cpu", "--steps", "2", "--prompts", "2", "--samples", "2",
-                                  "--prompt-tokens", "5", "--new-tokens", "6", "--microbatch-size", "2"]))
+                                  "--prompt-tokens", "5", "--prompt-tokens-step", "3", "--new-tokens", "6",
+                                  "--microbatch-size", "2"]))
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(res))  # the JSON line is the result
     assert len(res["steps"]) == 2 and res["rows"] == 4
     assert all(r["generated_tokens"] == 4 * 6 for r in res["steps"])  # EOS suppressed: exactly 6 tokens
+    assert [r["prompt_tokens"] for r in res["steps"]] == [5, 8]  # a new prompt length (attention shape) per step
     for key in ("sample_tokens_per_s", "sample_s", "teacher_s", "update_s", "pass0_drift_max"):
         assert res[key] >= 0
     assert res["pass0_drift_max"] < 1e-3  # float32 on CPU: sampler and update agree to rounding
