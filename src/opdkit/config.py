@@ -18,7 +18,7 @@ from opdkit.gates.registry import SEGMENTERS
 from opdkit.losses.reduction import REDUCTION_MODES
 from opdkit.losses.registry import BASE_LOSSES
 from opdkit.runtime.graders import REWARD_CHOICES
-from opdkit.runtime.models import DEVICE_CHOICES, DTYPE_CHOICES
+from opdkit.runtime.models import AUTOCAST, DEVICE_CHOICES, DTYPE_CHOICES
 from opdkit.runtime.prompts import (
     CHAT_TEMPLATE_CHOICES,
     CONTEXT_PRESETS,
@@ -185,6 +185,8 @@ class TrainConfig:
     divergence_zero_grad_updates: int = F(3, "updates in a row with a gradient norm of exactly 0 that count "
                                              "as a divergence; 0 disables this check")
     device: str = F("auto", "auto, cpu, cuda")
+    autocast: str = F("auto", "bf16 autocast of every forward, float32 master weights (and a bf16 sampling copy): "
+                              "auto (on CUDA only), bf16 (also on CPU), off")
     behaviour_logprobs: str = F("auto", "where the behaviour log-probs log π_old come from: recompute (one no-grad "
                                         "training forward before the first pass, so the first update's drift is "
                                         "exactly 0), sampler (recorded while sampling), auto (recompute on CUDA, "
@@ -227,6 +229,7 @@ CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.device": DEVICE_CHOICES,
     "train.behaviour_logprobs": tuple(BEHAVIOUR_LOGPROBS),
+    "train.autocast": tuple(AUTOCAST),
 }
 POSITIVE = ["rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "loss.topk", "loss.tis_cap", "gate.block_size", "gate.newline_fallback",

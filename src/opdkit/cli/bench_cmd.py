@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="float32", help="student (and default teacher) weights dtype")
     s.add_argument("--teacher-dtype", default="", help="teacher weights dtype (default: --dtype); a frozen "
                    "teacher in bfloat16 still gives float32 log-probs (float32 LM head on bf16 hidden states)")
+    s.add_argument("--autocast", default="auto", help="train.autocast: auto (bf16 on CUDA only), bf16 (also on CPU: "
+                   "float32 master weights, bf16 forwards and sampling copy), off")
     s.add_argument("--static-decode", action="store_true", help="rollout.static_decode=true: the static-shape "
                    "decode step, compiled once (CPU) or a CUDA graph (CUDA); the warm-up step pays the compile")
     s.add_argument("--seed", type=int, default=0)
@@ -75,7 +77,8 @@ def run(args) -> int:
                              "train.rollout_passes=1", "train.minibatches_per_pass=1", "optim.lr=1e-6",
                              "optim.warmup_updates=0", "optim.schedule=constant", f"train.seed={args.seed}",
                              f"train.microbatch_size={args.microbatch_size}",
-                             f"rollout.static_decode={str(args.static_decode).lower()}"], need_models=False)
+                             f"rollout.static_decode={str(args.static_decode).lower()}",
+                             f"train.autocast={args.autocast}"], need_models=False)
     t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[0], pad_id=0)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -100,7 +103,7 @@ def run(args) -> int:
            "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens, "threads": args.threads,
            "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
            "teacher_dtype": _teacher_dtype(args),
-           "static_decode": args.static_decode, "warmup_step_s": warmup_s}
+           "static_decode": args.static_decode, "autocast": args.autocast, "warmup_step_s": warmup_s}
     print(json.dumps(res))
     return 0
 

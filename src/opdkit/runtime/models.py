@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 #: Names a dtype setting may take: ``auto`` plus every explicit name :func:`resolve_dtype` knows.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: train.autocast -> (device) -> bf16 autocast of the student's forwards (float32 master weights)?
+AUTOCAST: dict[str, Callable[[torch.device], bool]] = {
+    "auto": lambda device: device.type == "cuda",
+    "bf16": lambda device: True,
+    "off": lambda device: False,
+}
 
 
 def default_device() -> torch.device:

@@ -21,21 +21,23 @@ import torch
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.scoring import response_logprobs
 
-# train.behaviour_logprobs -> (device of the student) -> recompute? The valid names come from here.
-BEHAVIOUR_LOGPROBS: dict[str, Callable[[torch.device], bool]] = {
-    "auto": lambda device: device.type == "cuda",  # the GPU sampler's bf16 path differs from the update
-    "recompute": lambda device: True,
-    "sampler": lambda device: False,
+# train.behaviour_logprobs -> (bf16 autocast on?) -> recompute? The valid names come from here.
+BEHAVIOUR_LOGPROBS: dict[str, Callable[[bool], bool]] = {
+    "auto": lambda mixed: mixed,  # the sampler's bf16 copy and cache differ from the autocast update
+    "recompute": lambda mixed: True,
+    "sampler": lambda mixed: False,
 }
 
 
-def resolve_behaviour_logprobs(name: str, device: torch.device) -> bool:
-    """Whether ``train.behaviour_logprobs = name`` recomputes ``log π_old`` for a student on ``device``."""
+def resolve_behaviour_logprobs(name: str, device: torch.device, mixed: bool | None = None) -> bool:
+    """Whether ``train.behaviour_logprobs = name`` recomputes ``log π_old`` for a student on ``device``
+    trained under bf16 autocast (``mixed``; default: on CUDA, as ``train.autocast=auto``)."""
     try:
-        return BEHAVIOUR_LOGPROBS[name](torch.device(device))
+        rule = BEHAVIOUR_LOGPROBS[name]
     except KeyError:
         raise ValueError(f"unknown train.behaviour_logprobs {name!r}; valid: {', '.join(BEHAVIOUR_LOGPROBS)}") \
             from None
+    return rule(torch.device(device).type == "cuda" if mixed is None else mixed)
 
 
 def recompute_behaviour_logprobs(model, batch: RolloutBatch, order: list[int], *, minibatches: int,

@@ -24,7 +24,7 @@ from opdkit.rollout.preflight import check_tokenizers
 from opdkit.rollout.sampler import SamplingParams
 from opdkit.runtime.gate import segment_params
 from opdkit.runtime.graders import reward_fn as get_reward
-from opdkit.runtime.models import auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
+from opdkit.runtime.models import AUTOCAST, auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
 from opdkit.train.behaviour import resolve_behaviour_logprobs
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import resolve_plan
@@ -86,12 +86,13 @@ class Trainer:
     bad_streak: int = 0
     update_idx: int = 0
     recompute_logp_old: bool = False  # train.behaviour_logprobs resolved for the student's device
+    mixed: bool = False  # train.autocast resolved for the student's device
 
     @property
     def autocast(self):
-        """bf16 autocast on GPU (float32 master weights); nothing on CPU."""
+        """bf16 autocast (float32 master weights) when ``train.autocast`` says so (default: on GPU only)."""
         dev = next(self.student.parameters()).device
-        return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if self.mixed else nullcontext()
 
     @property
     def rows_per_process(self) -> int:
@@ -203,4 +204,6 @@ def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None,
         vocab=vocab, monitor=DivergenceMonitor(factor=cfg.train.divergence_factor,
                                                zero_grad_updates=cfg.train.divergence_zero_grad_updates),
         phase_steps=phase_steps(cfg), rank=rank, world=world,
-        recompute_logp_old=resolve_behaviour_logprobs(cfg.train.behaviour_logprobs, device))
+        mixed=AUTOCAST[cfg.train.autocast](device),
+        recompute_logp_old=resolve_behaviour_logprobs(cfg.train.behaviour_logprobs, device,
+                                                      AUTOCAST[cfg.train.autocast](device)))
