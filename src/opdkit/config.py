@@ -43,7 +43,7 @@ class ModelConfig:
                          "itself, scored under no_grad (no gradient through the teacher pass); both need "
                          "teacher.context (self-distillation, opdkit extension)")
     tokenizer: str = F("", "tokenizer path or id (default: the student's)")
-    dtype: str = F("auto", "student weights dtype: auto (float32 weights, bf16 autocast on GPU), float32, "
+    dtype: str = F("auto", "student weights dtype: auto (float32 weights; autocast: train.autocast), float32, "
                            "bfloat16")
     teacher_dtype: str = F("auto", "teacher weights dtype (auto as above)")
     trust_remote_code: bool = F(False, "allow model code from the hub (off: only transformers' own code)")
