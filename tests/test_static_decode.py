@@ -140,3 +140,32 @@ def test_decoding_on_cuda_excludes_cudnn_attention():
             b.math_sdp_enabled()) == before
     with decode_attention(torch.device("cpu")):  # a no-op elsewhere
         assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled()) == before[:2]
+
+
+@pytest.mark.slow
+def test_cli_train_with_static_decode_matches_the_lean_step_run(tiny_models, tmp_path, monkeypatch):
+    """`opdkit train ... rollout.static_decode=true` end to end on CPU (compiled step): the same rollouts and
+    so the same training record as the default lean step (same seed), to float32 rounding."""
+    from opdkit.cli.main import main
+    from opdkit.train.telemetry import read_metrics
+
+    student, teacher, data = tiny_models
+    used = []
+    real = graph_step.pick_decode_step
+    monkeypatch.setattr(graph_step, "pick_decode_step", lambda *a, **kw: used.append(real(*a, **kw)) or used[-1])
+    runs = {}
+    for static in ("false", "true"):
+        out = tmp_path / static
+        rc = main(["train", f"model.student={student}", f"model.teacher={teacher}", f"data.train_file={data}",
+                   "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
+                   "train.train_steps=2", "train.progress=false", "train.device=cpu", f"train.output_dir={out}",
+                   f"rollout.static_decode={static}"])
+        assert rc == 0
+        runs[static] = read_metrics(out / "metrics.jsonl", "step")
+        # every sampling call of the run decoded with the step asked for (the compiled one: no fallback)
+        assert {getattr(x, "mode", type(x).__name__) for x in used} == ({"compile"} if static == "true"
+                                                                           else {"LeanStep"})
+        used.clear()
+    for a, b in zip(runs["false"], runs["true"], strict=True):
+        assert a["response_len"] == b["response_len"]
+        assert b["sampled_rkl"] == pytest.approx(a["sampled_rkl"], abs=1e-4)

@@ -189,8 +189,8 @@ class TrainConfig:
                               "auto (on CUDA only), bf16 (also on CPU), off")
     behaviour_logprobs: str = F("auto", "where the behaviour log-probs log π_old come from: recompute (one no-grad "
                                         "training forward before the first pass, so the first update's drift is "
-                                        "exactly 0), sampler (recorded while sampling), auto (recompute on CUDA, "
-                                        "sampler on CPU); opdkit extension")
+                                        "exactly 0), sampler (recorded while sampling), auto (recompute whenever "
+                                        "train.autocast is on: by default on CUDA, not on CPU); opdkit extension")
     threads: int = F(0, "torch CPU threads; 0 = torch's default")
     tensorboard: bool = F(False, "also log to TensorBoard (needs `tensorboard`)")
     wandb_project: str = F("", "also log to this W&B project (needs `wandb`)")

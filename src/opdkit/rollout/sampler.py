@@ -198,8 +198,8 @@ def sample_rollouts(model, prompts: list[list[int]], params: SamplingParams, *, 
 def decode_attention(device: torch.device):
     """SDPA backends for decoding on CUDA: flash, memory-efficient, math; not cuDNN. cuDNN attention builds
     an execution plan per new shape, and a decode loop meets a new key length at every step: measured on
-    an H200 (torch 2.11), lean-step sampling of 512 tokens with a new prompt length took 36 s, against
-    3.6 s for one shape per call (docs/experiments/issue15). A no-op elsewhere."""
+    an H200 (torch 2.11), lean-step sampling of 512 tokens with a new prompt length took 36 s with it and
+    7.4 s without (docs/experiments/issue15). A no-op elsewhere."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

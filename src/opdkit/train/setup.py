@@ -85,7 +85,7 @@ class Trainer:
     world: int = 1
     bad_streak: int = 0
     update_idx: int = 0
-    recompute_logp_old: bool = False  # train.behaviour_logprobs resolved for the student's device
+    recompute_logp_old: bool = False  # train.behaviour_logprobs resolved for the student's precision
     mixed: bool = False  # train.autocast resolved for the student's device
 
     @property
@@ -194,6 +194,7 @@ def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None,
     total = resolve_plan(cfg, world)["total_optimizer_updates"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_updates, total, o.schedule))
     device = next(student.parameters()).device
+    mixed = AUTOCAST[cfg.train.autocast](device)  # bf16 autocast of every forward (and a bf16 sampling copy)
     return Trainer(
         cfg=cfg, acc=acc, student=student, teacher=teacher, tok=tok, optimizer=optimizer, scheduler=scheduler,
         spec=build_update_spec(cfg, tok, vocab), sampling=sampling_params(cfg),
@@ -204,6 +205,4 @@ def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None,
         vocab=vocab, monitor=DivergenceMonitor(factor=cfg.train.divergence_factor,
                                                zero_grad_updates=cfg.train.divergence_zero_grad_updates),
         phase_steps=phase_steps(cfg), rank=rank, world=world,
-        mixed=AUTOCAST[cfg.train.autocast](device),
-        recompute_logp_old=resolve_behaviour_logprobs(cfg.train.behaviour_logprobs, device,
-                                                      AUTOCAST[cfg.train.autocast](device)))
+        mixed=mixed, recompute_logp_old=resolve_behaviour_logprobs(cfg.train.behaviour_logprobs, device, mixed))
