@@ -37,9 +37,12 @@ _COMPILED = {}  # one torch.compile wrapper of _step_fn per process: its cache h
 
 
 def _step_fn(tok_B, pos_1, t_1, embed_VH, layers, kv, cos_BN1D, sin_BN1D, add_mask_B11L, col_L, norm_w, eps: float,
-             nh: int, nkv: int, D: int, inter: int, scale: float):
+             nh: int, nkv: int, D: int, inter: int, scale: float, sdpa: bool):
     """One decode step with static shapes: new tokens ``tok_B`` at position ``pos_1`` (= P + t, a one-element
-    tensor), step ``t_1`` → final-norm hidden states ``[B, H]``; K/V written into ``kv`` in place."""
+    tensor), step ``t_1`` → final-norm hidden states ``[B, H]``; K/V written into ``kv`` in place. ``sdpa``:
+    attention by ``F.scaled_dot_product_attention`` (CUDA: flash kernels), else by explicit float32 math
+    (CPU: for one query per row over a few hundred keys SDPA's flash kernel measured slower than two
+    matmuls and a softmax inductor fuses around them)."""
     B = tok_B.shape[0]
     h_BH = F.embedding(tok_B, embed_VH)
     cos, sin = cos_BN1D.index_select(1, t_1).squeeze(1), sin_BN1D.index_select(1, t_1).squeeze(1)  # [B, 1, D]
@@ -54,8 +57,12 @@ def _step_fn(tok_B, pos_1, t_1, embed_VH, layers, kv, cos_BN1D, sin_BN1D, add_ma
         qk = qk * cos + torch.cat([-qk[..., D // 2:], qk[..., : D // 2]], -1) * sin
         K.index_copy_(2, pos_1, qk[:, nh:, None].to(K.dtype))
         V.index_copy_(2, pos_1, v.view(B, nkv, 1, D).to(V.dtype))
-        o = F.scaled_dot_product_attention(qk[:, :nh].reshape(B, nkv, nh // nkv, D), K, V, attn_mask=mask,
-                                           scale=scale)  # GQA: query heads grouped by kv head
+        q_BKGD = qk[:, :nh].reshape(B, nkv, nh // nkv, D)  # GQA: query heads grouped by kv head
+        if sdpa:
+            o = F.scaled_dot_product_attention(q_BKGD, K, V, attn_mask=mask, scale=scale)
+        else:  # one query per row: two small matmuls and a softmax, fused by inductor around the matmuls
+            s_BKGL = (q_BKGD.float() @ K.float().transpose(-1, -2)) * scale + mask.float()
+            o = (s_BKGL.softmax(dim=-1) @ V.float()).to(K.dtype)
         h_BH = torch.addmm(h_BH if b_o is None else h_BH + b_o, o.reshape(B, nh * D), w_o)
         g, u = LeanStep._proj(F.rms_norm(h_BH, h_BH.shape[-1:], w_post, eps), gate_up, (inter, inter))
         h_BH = torch.addmm(h_BH if b_d is None else h_BH + b_d, F.silu(g) * u, w_d)
@@ -90,7 +97,7 @@ class StaticStep(LeanStep):
         kv = [(layer._k, layer._v) for layer in self.cache.layers]
         return (self.tok_B, self.pos_1, self.t_1, self.decoder.embed_tokens.weight, self.flat, kv, self.cos_BN1D,
                 self.sin_BN1D, self.add_mask_B11L, self.col_L, self.decoder.norm.weight, self.eps, self.nh, self.nkv,
-                self.D, self.inter, self.scale)
+                self.D, self.inter, self.scale, self.pos_BN.device.type == "cuda")
 
     def _run(self):
         if self.mode == "compile":

@@ -267,6 +267,22 @@ def _concat(outs, pad_token_id: int):
             torch.cat([pad(o[2], 0.0) for o in outs]), torch.cat([o[3] for o in outs]))
 
 
+class _NextToken:
+    """The eager next-token head of the decode loop: float32 logits ``h W``, the filtered inverse-CDF draw
+    with the uniforms of the active rows at step ``t`` (EOS suppressed before ``min_new_tokens``) and the
+    behaviour log-prob of the drawn token (temperature 1, full vocabulary) → ``(tok_A, logp_A)``."""
+
+    def __init__(self, W_HV, params: SamplingParams, eos_E, u_BN):
+        self.W_HV, self.p, self.eos_E, self.u_BN, self.top_p_filter = W_HV, params, eos_E, u_BN, TopPFilter()
+
+    def __call__(self, h_AH, act_A, t: int):
+        p = self.p
+        logits_AV = h_AH.float() @ self.W_HV
+        tok_A = sample_next(logits_AV, p.temperature, p.top_k, p.top_p, self.u_BN[act_A, t:t + 1],
+                            self.eos_E if t < p.min_new_tokens else None, self.top_p_filter)
+        return tok_A, torch.log_softmax(logits_AV, dim=-1).gather(1, tok_A[:, None]).squeeze(1)
+
+
 def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params: SamplingParams, eos_E,
             pad_token_id: int, seed: int, kv_cache: str, check_every: int, progress: bool, small: bool, dtype):
     """The decode loop over one chunk. Returns response ids / mask ``[B,T]``, ``logp_old_BT``, ``ended_B``.
@@ -286,14 +302,12 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
     logp_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
     alive_BN, ended_B = torch.zeros((B, N), dtype=torch.bool, device=device), torch.zeros_like(rows_B, dtype=torch.bool)
     act_A, done_A = torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device)
-    u_BN, top_p_filter = row_uniforms(seed, rows_B, torch.arange(N, device=device)), TopPFilter()
+    u_BN = row_uniforms(seed, rows_B, torch.arange(N, device=device))
+    head = _NextToken(W_HV, params, eos_E, u_BN)
+    tok_A, logp_A = head(h_AH, act_A, 0)
     bar = tqdm(total=N, desc=f"sampling {B} rows", unit="step", leave=False) if progress else None
     for t in range(N):
-        logits_AV = h_AH.float() @ W_HV
-        tok_A = sample_next(logits_AV, params.temperature, params.top_k, params.top_p, u_BN[act_A, t:t + 1],
-                            eos_E if t < params.min_new_tokens else None, top_p_filter)
         tok_A = tok_A.masked_fill_(done_A, pad_token_id)
-        logp_A = torch.log_softmax(logits_AV, dim=-1).gather(1, tok_A[:, None]).squeeze(1)
         tok_BN[act_A, t], logp_BN[act_A, t], alive_BN[act_A, t] = tok_A, logp_A.masked_fill_(done_A, 0.0), ~done_A
         done_A = done_A | torch.isin(tok_A, eos_E)
         if bar is not None and (t + 1) % 16 == 0:
@@ -311,7 +325,7 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
                     layer.select(keep_A)
                 step.select(keep_A)
                 act_A, done_A, tok_A = act_A[keep_A], done_A[keep_A], tok_A[keep_A]
-        h_AH = step(tok_A, t)
+        tok_A, logp_A = head(step(tok_A, t), act_A, t + 1)
     if bar is not None:
         bar.update(t + 1 - bar.n)
         bar.close()
