@@ -187,10 +187,13 @@ class TrainConfig:
     device: str = F("auto", "auto, cpu, cuda")
     autocast: str = F("auto", "bf16 autocast of every forward, float32 master weights (and a bf16 sampling copy): "
                               "auto (on CUDA only), bf16 (also on CPU), off")
-    behaviour_logprobs: str = F("auto", "where the behaviour log-probs log π_old come from: recompute (one no-grad "
-                                        "training forward before the first pass, so the first update's drift is "
-                                        "exactly 0), sampler (recorded while sampling), auto (recompute whenever "
-                                        "train.autocast is on: by default on CUDA, not on CPU); opdkit extension")
+    behaviour_logprobs: str = F("auto", "where the behaviour log-probs log π_old come from: recompute (from the "
+                                        "training forward, so the first update's drift is exactly 0: the first "
+                                        "update's rows take the values of that update's own forward, no extra "
+                                        "forward for them; the first pass's other rows, and with SG-OPD all rows, "
+                                        "one no-grad forward before the first update), sampler (recorded while "
+                                        "sampling), auto (recompute whenever train.autocast is on: by default on "
+                                        "CUDA, not on CPU); opdkit extension")
     threads: int = F(0, "torch CPU threads; 0 = torch's default")
     tensorboard: bool = F(False, "also log to TensorBoard (needs `tensorboard`)")
     wandb_project: str = F("", "also log to this W&B project (needs `wandb`)")

@@ -2,6 +2,10 @@
 
 1. **sample**: the student writes ``samples_per_prompt`` responses per prompt and records the
    behaviour log-probs ``log π_old`` of what it sampled (the reference of the clip ratio and the drift);
+   with ``train.behaviour_logprobs`` recomputing, the training forward replaces them: one no-grad forward
+   here for the rows of the first pass's later updates, while the first update takes its rows' values
+   from its own forward (step 5; :mod:`opdkit.train.behaviour`). SG-OPD reads ``log π_old`` in step 4,
+   before any update, so there every row is recomputed here;
 2. **reward**: the verifier grades them (only SG-OPD and telemetry use the reward; plain OPD does not);
 3. **teacher**: the teacher scores every sampled token (``log q``; its top-K for LSM);
 4. **advantage**: SG-OPD replaces ``log q − log π_old`` by its sign-gated advantage, on whole groups,
@@ -17,17 +21,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.sampler import sample_rollouts
 from opdkit.rollout.teacher import score_with_teacher, with_prompts
-from opdkit.train.behaviour import recompute_behaviour_logprobs
+from opdkit.train.behaviour import BehaviourDiff, recompute_behaviour_logprobs
 from opdkit.train.setup import Trainer, pass_order, teacher_sample_seed
 from opdkit.train.sg_opd import alpha_at, nll_share, teacher_phase
-from opdkit.train.update import run_update
+from opdkit.train.update import FORWARD_BEHAVIOUR, ForwardBehaviour, run_update
 
 
 @dataclass
@@ -45,9 +49,9 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     update (the trainer logs it and checks for divergence there)."""
     t0 = time.perf_counter()
     batch = sample(t, step, prompts)
-    behaviour = {}
+    diff, from_forward = None, behaviour_from_forward(t)
     if t.recompute_logp_old:
-        batch, behaviour = recompute_logp_old(t, step, batch)
+        batch, diff = recompute_logp_old(t, step, batch, skip_minibatches=int(from_forward))
     t1 = time.perf_counter()
     if t.reward_fn is not None:
         batch.rewards_B = torch.tensor(t.reward_fn(batch.decode(t.tok), batch.answers), dtype=torch.float32,
@@ -64,10 +68,17 @@ def rollout_step(t: Trainer, step: int, prompts: StepPrompts, on_update=None) ->
     sft, alpha, counts = endorsed_teacher_samples(t, step, prompts)
     sg_rec.update(counts)
     t3 = time.perf_counter()
-    upd = update_passes(t, step, batch, sft, alpha, on_update)
+    upd = update_passes(t, step, batch, sft, alpha, on_update, behaviour=diff if from_forward else None)
     t4 = time.perf_counter()
     times = {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2, "time/update": t4 - t3}
-    return step_record(t, step, batch, upd, times) | sg_rec | behaviour
+    return step_record(t, step, batch, upd, times) | sg_rec | (diff.record() if diff is not None else {})
+
+
+def behaviour_from_forward(t: Trainer) -> bool:
+    """Whether the first update takes its rows' recomputed ``log π_old`` from its own forward (θ = θ_old
+    there) instead of a separate no-grad forward: when ``log π_old`` is recomputed and nothing reads it
+    before the update (SG-OPD's batch-level sign-gated advantage does, so SG-OPD recomputes every row)."""
+    return t.recompute_logp_old and t.advantage_fn is None
 
 
 def teacher_rows(prompts: StepPrompts, samples_per_prompt: int) -> list[list[int]] | None:
@@ -86,14 +97,18 @@ def sample(t: Trainer, step: int, prompts: StepPrompts) -> RolloutBatch:
                                group_offset=(step * t.world + t.rank) * len(prompts.ids), answers=prompts.answers)
 
 
-def recompute_logp_old(t: Trainer, step: int, batch: RolloutBatch) -> tuple[RolloutBatch, dict]:
+def recompute_logp_old(t: Trainer, step: int, batch: RolloutBatch, *, skip_minibatches: int = 0,
+                       ) -> tuple[RolloutBatch, BehaviourDiff]:
     """``train.behaviour_logprobs``: behaviour log-probs from the training forward, on the micro-batches of
-    the first pass, so that the first update's drift is exactly 0 (:mod:`opdkit.train.behaviour`)."""
+    the first pass, so that the first update's drift is exactly 0 (:mod:`opdkit.train.behaviour`); the
+    first ``skip_minibatches`` updates' rows are left to those updates' own forward."""
+    if skip_minibatches >= t.cfg.train.minibatches_per_pass:  # one update per pass: nothing to recompute here
+        return batch, BehaviourDiff()
     order = pass_order(t.cfg.train.seed, step, 0, t.rows_per_process)
     with t.autocast:
         return recompute_behaviour_logprobs(t.student, batch, order, minibatches=t.cfg.train.minibatches_per_pass,
                                             microbatch_size=t.spec.microbatch_size, chunk_size=t.spec.chunk_size,
-                                            vocab_limit=t.spec.vocab_limit)
+                                            vocab_limit=t.spec.vocab_limit, skip_minibatches=skip_minibatches)
 
 
 def endorsed_teacher_samples(t: Trainer, step: int, prompts: StepPrompts):
@@ -116,10 +131,15 @@ def endorsed_teacher_samples(t: Trainer, step: int, prompts: StepPrompts):
     return sft, alpha, {**counts, "sg_alpha": alpha}
 
 
-def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float, on_update=None) -> list[dict]:
+def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float, on_update=None, *,
+                  behaviour: BehaviourDiff | None = None) -> list[dict]:
     """``rollout_passes`` passes over the batch, each a fresh shuffle cut into ``minibatches_per_pass``
     optimizer updates; SG-OPD's endorsed responses are cut into as many shares, one per update, so the
-    NLL term counts once per pass (§5.2). Returns every update's metrics, in order."""
+    NLL term counts once per pass (§5.2). Returns every update's metrics, in order.
+
+    ``behaviour`` (given when the recompute skipped the first update's rows): the first update takes their
+    ``log π_old`` from its own forward; they are written into the batch for the later updates, and their
+    ``|sampler − forward|`` sums are added to ``behaviour``."""
     rows, passes = t.rows_per_process, t.cfg.train.rollout_passes
     k = t.cfg.train.minibatches_per_pass
     size = rows // k
@@ -127,15 +147,31 @@ def update_passes(t: Trainer, step: int, batch: RolloutBatch, sft, alpha: float,
     for p in range(passes):
         order = pass_order(t.cfg.train.seed, step, p, rows)
         for j in range(k):
+            mini_rows = order[j * size:(j + 1) * size]
+            first = behaviour is not None and p == 0 and j == 0
             with t.autocast:
-                m = run_update(t.student, t.optimizer, t.scheduler, batch.select(order[j * size:(j + 1) * size]),
-                               t.spec, world=t.acc, sft_batch=nll_share(sft, j, k), sft_weight=alpha)
+                m = run_update(t.student, t.optimizer, t.scheduler, batch.select(mini_rows), t.spec, world=t.acc,
+                               sft_batch=nll_share(sft, j, k), sft_weight=alpha, behaviour_from_forward=first)
+            if first:
+                batch = with_forward_behaviour(batch, mini_rows, m.pop(FORWARD_BEHAVIOUR), behaviour)
             t.update_idx += 1
             m["pass"] = p
             out.append(m)
             if on_update is not None:
                 on_update(m)
     return out
+
+
+def with_forward_behaviour(batch: RolloutBatch, rows: list[int], fb: ForwardBehaviour,
+                           behaviour: BehaviourDiff) -> RolloutBatch:
+    """``batch`` with rows ``rows`` of ``logp_old_BT`` [B,T] set to what the first update took from its own
+    forward (``fb.logp_old_BT`` [len(rows), T'], T' <= T: the mini-batch is trimmed of padding columns);
+    adds ``fb``'s sums to ``behaviour``."""
+    logp_BT = batch.logp_old_BT.clone()
+    idx = torch.as_tensor(rows, dtype=torch.long, device=logp_BT.device)
+    logp_BT[idx, :fb.logp_old_BT.shape[1]] = fb.logp_old_BT.to(logp_BT.device)
+    behaviour.add(fb.diff)
+    return replace(batch, logp_old_BT=logp_BT)
 
 
 def step_record(t: Trainer, step: int, batch: RolloutBatch, upd: list[dict], times: dict) -> dict:

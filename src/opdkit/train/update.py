@@ -4,13 +4,18 @@ For each micro-batch: current log-probs (chunked LM head) -> base loss from the 
 from the segmenter registry -> ``loss_numerator`` backward. After the last micro-batch the reduction
 counts are summed over processes, gradients are summed over processes and divided once by the global
 denominator, so the update depends neither on ``microbatch_size`` nor on the number of processes.
+
+``behaviour_from_forward``: the update runs before any optimizer step on its batch (θ = θ_old), so its own
+forward, detached, is the training forward's ``log π_old``; it replaces the batch's behaviour log-probs in
+everything the update computes (loss, drift gate, metrics: drift exactly 0, gates exactly 1) and goes
+back to the caller (:mod:`opdkit.train.behaviour`), which then needs no separate forward for these rows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,7 +27,11 @@ from opdkit.losses.reduction import loss_denominator, loss_numerator, reduction_
 from opdkit.losses.registry import LossHParams, LossInputs, LossSpec
 from opdkit.rollout.batch import RolloutBatch
 from opdkit.rollout.scoring import response_logprobs
+from opdkit.train.behaviour import BehaviourDiff, abs_diff
 from opdkit.train.grad_sync import all_reduce_grads
+
+#: the key of :class:`ForwardBehaviour` in ``run_update``'s metrics (``behaviour_from_forward``); pop it
+FORWARD_BEHAVIOUR = "_forward_behaviour"
 
 
 @dataclass
@@ -47,6 +56,16 @@ class UpdateSpec:
     max_grad_norm: float = 1.0
 
 
+@dataclass
+class ForwardBehaviour:
+    """What an update with ``behaviour_from_forward`` took as behaviour log-probs: ``logp_old_BT`` [rows, T]
+    (the update's batch, its rows and columns; padding keeps the batch's values) and its
+    :class:`BehaviourDiff` against the batch's (the sampler's) values over response tokens."""
+
+    logp_old_BT: torch.Tensor
+    diff: BehaviourDiff
+
+
 # metric sums aggregated over micro-batches and processes (divided once at the end). ``gate_*``: the gate as
 # the micro-batch applies it (per-row normalised for scope sequence, raw for scope batch, whose division by
 # the step-batch mean happens once at the end); ``raw_gate_*``: the raw gate exp(-tau|s_b|).
@@ -65,15 +84,22 @@ def _all_reduce(t: torch.Tensor, op: str, world) -> torch.Tensor:
     return out
 
 
-def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor | None, dict]:
-    """Forward one micro-batch: (numerator, mask_BT, gate_BT, metric sums). Backward is the caller's."""
+def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec, *, behaviour_from_forward: bool = False,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """Forward one micro-batch: (numerator, mask_BT, gate_BT, metric sums). Backward is the caller's.
+
+    ``behaviour_from_forward``: ``logp_old_BT`` on response positions is this forward's ``logp_BT``, detached
+    (θ = θ_old); the metric dict's ``"logp_old_BT"`` [B,T] is the behaviour log-prob the micro-batch used."""
     mask = micro.response_mask_BT.float()
     if spec.special_token_ids:
         mask = special_token_mask(micro.response_ids_BT, mask, list(spec.special_token_ids))
     gather = micro.teacher_topk_ids_BTK if spec.loss.needs_support else None
     out = response_logprobs(model, micro, gather_ids_BTK=gather, chunk_size=spec.chunk_size,
                             vocab_limit=spec.vocab_limit)
+    if behaviour_from_forward:  # every use below (ratio, advantage, gate, metrics) reads the forward's value
+        keep = micro.response_mask_BT.bool()
+        micro = replace(micro, logp_old_BT=torch.where(keep, out.logp_BT.detach().to(micro.logp_old_BT.dtype),
+                                                       micro.logp_old_BT))
     advantage = micro.advantage_BT  # SG-OPD's gated advantage (§5.1) when set, else the plain one
     if spec.token_advantage is not None:  # recomputed under the current student at every update (§8)
         advantage = spec.token_advantage(micro.teacher_logp_BT, out.logp_BT, mask)
@@ -104,7 +130,7 @@ def compute_micro(model, micro: RolloutBatch, spec: UpdateSpec) -> tuple[torch.T
             "resp_len": micro.response_mask_BT.float().sum(),
             "raw_gate_sum": dr["gate_sum"], "raw_gate_sq": dr["gate_sq_sum"],
             "gate_min": ds["gate_min"], "gate_max": ds["gate_max"],
-            "raw_gate_min": dr["gate_min"], "raw_gate_max": dr["gate_max"],
+            "raw_gate_min": dr["gate_min"], "raw_gate_max": dr["gate_max"], "logp_old_BT": micro.logp_old_BT,
         }
     return num, mask, gate, m
 
@@ -136,14 +162,43 @@ def _nll_grads(model, sft: RolloutBatch | None, weight: float, spec: UpdateSpec,
     return grads, nll
 
 
+def _accumulate(model, batch: RolloutBatch, spec: UpdateSpec, behaviour_from_forward: bool):
+    """Forward and backward every micro-batch of ``batch``: (reduction stats, metric sums, gate min and max
+    as (applied, raw), :class:`ForwardBehaviour` when ``behaviour_from_forward`` else None)."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
+    gmin, gmax = torch.full((2,), math.inf), torch.full((2,), -math.inf)  # (applied gate, raw gate)
+    logp_old_BT = batch.logp_old_BT.clone() if behaviour_from_forward else None
+    for s in range(0, batch.size, spec.microbatch_size):
+        micro = batch.select(list(range(s, min(s + spec.microbatch_size, batch.size))))
+        num, mask, gate, m = compute_micro(model, micro, spec, behaviour_from_forward=behaviour_from_forward)
+        num.backward()
+        stats += reduction_stats(mask, gate).cpu()
+        for k in _SUM_KEYS:
+            sums[k] += m[k].double().cpu()
+        gmin = torch.minimum(gmin, torch.stack([m["gate_min"], m["raw_gate_min"]]).cpu())
+        gmax = torch.maximum(gmax, torch.stack([m["gate_max"], m["raw_gate_max"]]).cpu())
+        if logp_old_BT is not None:  # micro-batches are trimmed of padding columns: write their prefix
+            part_BT = m["logp_old_BT"]
+            logp_old_BT[s:s + part_BT.shape[0], :part_BT.shape[1]] = part_BT.to(logp_old_BT.device)
+    fb = None
+    if logp_old_BT is not None:
+        fb = ForwardBehaviour(logp_old_BT, abs_diff(logp_old_BT, batch.logp_old_BT, batch.response_mask_BT))
+    return stats, sums, gmin, gmax, fb
+
+
 def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpec, *, world=None,
-               sft_batch: RolloutBatch | None = None, sft_weight: float = 0.0) -> dict:
+               sft_batch: RolloutBatch | None = None, sft_weight: float = 0.0,
+               behaviour_from_forward: bool = False) -> dict:
     """Accumulate gradients over micro-batches, divide by the global denominator, clip, step.
 
     ``sft_batch`` / ``sft_weight``: verifier-endorsed teacher responses added through a token-mean NLL
     term of that weight (SG-OPD phased teacher sampling, §5.2); they never enter the OPD terms (no
     behaviour log-probs, no gate). Returns metrics (floats). ``metrics["skipped"]`` is 1.0 when the loss
     or gradient was non-finite; then the parameters and the optimizer state are left unchanged.
+    ``behaviour_from_forward`` (only for an update before any optimizer step since sampling, θ = θ_old): the
+    behaviour log-probs are this update's own forward, detached (module docstring); the metrics then also
+    hold ``metrics[FORWARD_BEHAVIOUR]``, a :class:`ForwardBehaviour` the caller pops.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -151,18 +206,7 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
     if sft_weight > 0:  # the same on every process (a function of the step), so all take this branch
         sft_grads, nll = _nll_grads(model, sft_batch, sft_weight, spec, world)
         optimizer.zero_grad(set_to_none=True)
-    stats = torch.zeros(3, dtype=torch.float64)
-    sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
-    gmin, gmax = torch.full((2,), math.inf), torch.full((2,), -math.inf)  # (applied gate, raw gate)
-    for s in range(0, batch.size, spec.microbatch_size):
-        micro = batch.select(list(range(s, min(s + spec.microbatch_size, batch.size))))
-        num, mask, gate, m = compute_micro(model, micro, spec)
-        num.backward()
-        stats += reduction_stats(mask, gate).cpu()
-        for k in _SUM_KEYS:
-            sums[k] += m[k].double().cpu()
-        gmin = torch.minimum(gmin, torch.stack([m["gate_min"], m["raw_gate_min"]]).cpu())
-        gmax = torch.maximum(gmax, torch.stack([m["gate_max"], m["raw_gate_max"]]).cpu())
+    stats, sums, gmin, gmax, fb = _accumulate(model, batch, spec, behaviour_from_forward)
 
     packed = torch.cat([stats, torch.stack([sums[k] for k in _SUM_KEYS])])
     packed = _all_reduce(packed.to(_device(model)), "sum", world).cpu()
@@ -191,13 +235,14 @@ def run_update(model, optimizer, scheduler, batch: RolloutBatch, spec: UpdateSpe
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     n = max(vals["tokens"], 1.0)
-    return {
+    metrics = {
         "loss": loss, "grad_norm": grad_norm, "skipped": float(skipped), "lr": scheduler.get_last_lr()[0],
         "clip_frac": vals["clip"] / n, "drift_abs_mean": vals["abs_drift"] / n,
         **_gate_metrics(vals, gmin, gmax, n, batch_scope=weighted),
         "sampled_rkl": vals["rkl"] / n, "response_len": vals["resp_len"] / max(vals["seqs"], 1.0),
         "tokens": vals["tokens"], "teacher_nll": nll, "teacher_nll_weight": sft_weight if sft_grads else 0.0,
     }
+    return metrics if fb is None else {**metrics, FORWARD_BEHAVIOUR: fb}
 
 
 def _gate_metrics(vals: dict, gmin: list, gmax: list, n: float, *, batch_scope: bool) -> dict:
