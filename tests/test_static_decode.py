@@ -14,7 +14,7 @@ import torch
 
 from opdkit.rollout import decode_steps, graph_step
 from opdkit.rollout.graph_step import StaticStep
-from opdkit.rollout.sampler import SamplingParams, sample_rollouts
+from opdkit.rollout.sampler import STATIC_PROMPT_MULTIPLE, SamplingParams, sample_rollouts
 
 # the sampler tests' tiny model, prompts (left padding: rows of different lengths) and comparison
 from test_sampler_gpu_path import PAD, PROMPTS, _model, _same
@@ -50,6 +50,11 @@ def test_static_step_eager_equals_lean_step(monkeypatch):
     assert used == ["eager"]
     assert len(set(lean.response_lengths_B.tolist())) > 1 and "eos" in lean.stop_reasons  # rows end apart
     _same(lean, static)
+    # the static step decodes prompts left-padded to a multiple of STATIC_PROMPT_MULTIPLE tokens; the
+    # returned batch holds the prompts as the lean step's does (the extra all-padding columns dropped)
+    assert max(map(len, PROMPTS)) % STATIC_PROMPT_MULTIPLE != 0
+    assert torch.equal(lean.prompt_ids_BP, static.prompt_ids_BP)
+    assert torch.equal(lean.prompt_mask_BP, static.prompt_mask_BP)
 
 
 def test_static_step_is_checked_and_falls_back_to_the_lean_step(monkeypatch):
@@ -119,8 +124,13 @@ def test_compiled_static_step_equals_lean_step(monkeypatch):
         first = _sample(model, True)
         n_frames = dynamo.utils.counters["stats"]["unique_graphs"]
         second = _sample(model, True)
-    assert used == ["compile", "compile"]
-    assert dynamo.utils.counters["stats"]["unique_graphs"] == n_frames
+        shorter = [p[:-1] or p for p in PROMPTS]  # another longest prompt, in the same length bucket
+        third = sample_rollouts(model, shorter, SamplingParams(max_new_tokens=24, samples_per_prompt=2,
+                                                               static_decode=True),
+                                eos_token_ids=[2, 7, 11], pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+    assert used == ["compile", "compile", "compile"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == n_frames  # one compiled shape for all three
+    assert third.prompt_ids_BP.shape[1] == max(map(len, shorter))
     _same(lean, first)
     _same(lean, second)
 

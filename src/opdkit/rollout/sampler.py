@@ -60,7 +60,9 @@ class SamplingParams:
     max_cache_gb: KV-cache budget in GB (1e9 bytes) per call; rows are sampled in chunks that fit
     (opdkit extension); 0 = no limit (one chunk). static_decode: decode with the static-shape step of
     :mod:`opdkit.rollout.graph_step` (Qwen3 / Qwen2 / Llama), compiled once on CPU, captured as a CUDA
-    graph on CUDA; finished rows then stay in the batch (opdkit extension; same tokens up to rounding).
+    graph on CUDA; finished rows then stay in the batch, and prompts are left-padded to a multiple of
+    :data:`STATIC_PROMPT_MULTIPLE` tokens while decoding (few shapes to compile) (opdkit extension; same
+    tokens up to rounding).
     """
 
     temperature: float = 1.0
@@ -95,8 +97,15 @@ class SamplingParams:
             bad("static_decode", "True or False")
 
 
-def _left_pad(prompts: list[list[int]], repeats: int, pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
-    P = max(len(p) for p in prompts)
+#: With ``static_decode`` the padded prompt length is rounded up to a multiple of this many tokens, so a
+#: data set of varied prompt lengths meets a few decode shapes (compiles / graph captures), not one per
+#: length; the extra columns are left padding (masked), dropped from the returned batch.
+STATIC_PROMPT_MULTIPLE = 32
+
+
+def _left_pad(prompts: list[list[int]], repeats: int, pad_token_id: int, device,
+              multiple: int = 1) -> tuple[torch.Tensor, ...]:
+    P = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids_NP = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
     mask_NP = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -161,7 +170,8 @@ def sample_rollouts(model, prompts: list[list[int]], params: SamplingParams, *, 
     vocab_size = min(model.get_input_embeddings().weight.shape[0], weight_VH.shape[0])
     _validate(prompts, eos_token_ids, pad_token_id, vocab_size, prompt_indices, answers)
     device, S = weight_VH.device, params.samples_per_prompt
-    prompt_ids_BP, prompt_mask_BP = _left_pad(prompts, S, pad_token_id, device)
+    prompt_ids_BP, prompt_mask_BP = _left_pad(prompts, S, pad_token_id, device,
+                                              STATIC_PROMPT_MULTIPLE if params.static_decode else 1)
     eos_E = torch.as_tensor(sorted({int(e) for e in eos_token_ids}), dtype=torch.long, device=device)
     dtype = _sampling_dtype(model, dtype, device)
     B, L = prompt_ids_BP.shape[0], prompt_ids_BP.shape[1] + params.max_new_tokens
