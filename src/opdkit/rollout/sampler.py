@@ -288,7 +288,8 @@ class _NextToken:
     def __call__(self, h_AH, act_A, t: int):
         p = self.p
         logits_AV = h_AH.float() @ self.W_HV
-        tok_A = sample_next(logits_AV, p.temperature, p.top_k, p.top_p, self.u_BN[act_A, t:t + 1],
+        u_A1 = self.u_BN[act_A, t:t + 1] if len(act_A) < len(self.u_BN) else self.u_BN[:, t:t + 1]
+        tok_A = sample_next(logits_AV, p.temperature, p.top_k, p.top_p, u_A1,
                             self.eos_E if t < p.min_new_tokens else None, self.top_p_filter)
         return tok_A, torch.log_softmax(logits_AV, dim=-1).gather(1, tok_A[:, None]).squeeze(1)
 
@@ -318,7 +319,8 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
     bar = tqdm(total=N, desc=f"sampling {B} rows", unit="step", leave=False) if progress else None
     for t in range(N):
         tok_A = tok_A.masked_fill_(done_A, pad_token_id)
-        tok_BN[act_A, t], logp_BN[act_A, t], alive_BN[act_A, t] = tok_A, logp_A.masked_fill_(done_A, 0.0), ~done_A
+        rows = act_A if len(act_A) < B else slice(None)  # a slice until rows are dropped: no index_put
+        tok_BN[rows, t], logp_BN[rows, t], alive_BN[rows, t] = tok_A, logp_A.masked_fill_(done_A, 0.0), ~done_A
         done_A = done_A | torch.isin(tok_A, eos_E)
         if bar is not None and (t + 1) % 16 == 0:
             bar.update(16)
