@@ -15,7 +15,7 @@ On CPU the step function is compiled by ``torch.compile(dynamic=False)`` (induct
 RoPE, attention's softmax and the gated MLP into a few C++ kernels around the matmuls); it recompiles for
 each new (rows, length, dtype), and the sampler pads prompts to a multiple of 32 tokens in this mode so
 that varied prompt lengths meet few shapes; inductor's C++ wrapper calls the kernels
-(:data:`COMPILE_OPTIONS`). On our 2-core CPU the compiled step samples about 1.3x faster than the lean step
+(:data:`COMPILE_OPTIONS`). On our 2-core CPU the compiled step samples about 1.4x faster than the lean step
 (README, #15). On CUDA one decode step is captured as a CUDA graph per sampling chunk
 and replayed per token (one launch per token instead of hundreds). Finished rows are not dropped from the
 batch (static shapes); all-rows-finished still ends the loop. If compiling or capturing fails, the step

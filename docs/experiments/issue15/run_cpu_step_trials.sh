@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Interleaved trials of opdkit bench step against TRL's trainers (README, "The CPU step, fifth stop").
+# Interleaved trials of opdkit bench step against TRL's trainers (README, "The CPU step, fifth stop"; CHECKOUT, PY, TRL_PY, OUT as below).
 # CHECKOUT: an opdkit checkout; PY: its python; TRL_PY: a python with TRL 1.16 (benchmarks/bench_trl_step.py)
 set -u
 cd "${CHECKOUT:?set CHECKOUT to an opdkit checkout}"
