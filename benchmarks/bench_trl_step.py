@@ -42,7 +42,7 @@ def _tokenizer():
     return fast
 
 
-def _models(seed: int):
+def _models(seed: int, attn: str = "sdpa"):
     """The shapes of ``opdkit.cli.bench_cmd._models`` (written out here: this script runs without opdkit)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -51,7 +51,9 @@ def _models(seed: int):
         cfg = Qwen3Config(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           num_key_value_heads=kv, head_dim=64, intermediate_size=ffn, max_position_embeddings=512,
                           tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-        return Qwen3ForCausalLM(cfg).float()
+        model = Qwen3ForCausalLM(cfg).float()
+        model.set_attn_implementation(attn)
+        return model
 
     return build(256, 4, 4, 2, 768, seed), build(512, 6, 8, 4, 1536, seed + 1)
 
@@ -143,10 +145,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (TRL's default; off: float32 like opdkit's workload)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention implementation of both models (transformers' default: sdpa)")
     p.add_argument("--out", default="/tmp/opdkit-bench-trl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    student, teacher = _models(args.seed)
+    student, teacher = _models(args.seed, args.attn)
     timer = _StepTimer()
     timer.wrap_generate(student)
     trainer = TRAINERS[args.trainer](args, student, teacher, _tokenizer(), timer)
@@ -156,7 +160,8 @@ def main() -> None:
     import trl
 
     print(json.dumps({"trainer": args.trainer, "trl": trl.__version__, "transformers": transformers.__version__,
-                      "torch": torch.__version__, "threads": args.threads, "bf16": args.bf16, "steps": len(timed),
+                      "torch": torch.__version__, "threads": args.threads, "bf16": args.bf16, "attn": args.attn,
+                      "steps": len(timed),
                       "step_time_s_median": round(statistics.median(timed), 4),
                       "generate_s_median": round(statistics.median(gen), 4),
                       "step_times_s": [round(x, 4) for x in timed]}))

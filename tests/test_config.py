@@ -32,6 +32,7 @@ def test_overrides_are_typed_and_nested():
     ("loss.nme=opd", "unknown field 'loss.nme'"),
     ("train.train_steps=ten", "train.train_steps = 'ten' has the wrong type"),
     ("loss.reduction=constant", "needs loss.reduction_constant > 0"),
+    ("model.attn_implementation=flash", "model.attn_implementation = 'flash' is not valid; choose one of sdpa, eager"),
 ])
 def test_invalid_values_name_the_field_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

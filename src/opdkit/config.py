@@ -18,7 +18,7 @@ from opdkit.gates.registry import SEGMENTERS
 from opdkit.losses.reduction import REDUCTION_MODES
 from opdkit.losses.registry import BASE_LOSSES
 from opdkit.runtime.graders import REWARD_CHOICES
-from opdkit.runtime.models import AUTOCAST, DEVICE_CHOICES, DTYPE_CHOICES
+from opdkit.runtime.models import ATTN_CHOICES, AUTOCAST, DEVICE_CHOICES, DTYPE_CHOICES
 from opdkit.runtime.prompts import (
     CHAT_TEMPLATE_CHOICES,
     CONTEXT_PRESETS,
@@ -53,6 +53,10 @@ class ModelConfig:
     lora_target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                    "down_proj"], "modules LoRA adapts")
     gradient_checkpointing: bool = F(False, "recompute activations in backward to save memory")
+    attn_implementation: str = F("sdpa", "transformers' attention for the student's and teacher's forwards "
+                                         "(prefill, teacher scoring, update): sdpa (transformers' default), eager "
+                                         "(on CPU faster for rows of a few hundred tokens, README #15; it keeps "
+                                         "a T x T score tensor per layer and head), flash_attention_2, ...")
 
 
 @dataclass
@@ -221,6 +225,7 @@ SELF_TEACHERS = ("self", "self-current")
 CHOICES = {
     "model.dtype": DTYPE_CHOICES,
     "model.teacher_dtype": DTYPE_CHOICES,
+    "model.attn_implementation": ATTN_CHOICES,
     "data.chat_template": CHAT_TEMPLATE_CHOICES,
     "rollout.reward": REWARD_CHOICES,
     "loss.name": tuple(BASE_LOSSES),

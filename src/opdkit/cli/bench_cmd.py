@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import statistics
 
+from opdkit.runtime.models import ATTN_CHOICES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (bench step: time OPD rollout steps)")
@@ -35,6 +37,9 @@ def add_parser(sub) -> None:
                    "float32 master weights, bf16 forwards and sampling copy), off")
     s.add_argument("--static-decode", action="store_true", help="rollout.static_decode=true: the static-shape "
                    "decode step, compiled once (CPU) or a CUDA graph (CUDA); the warm-up step pays the compile")
+    s.add_argument("--attn-implementation", default="sdpa", choices=ATTN_CHOICES,
+                   help="model.attn_implementation of both models: sdpa (transformers' default) or eager (on CPU "
+                   "faster for these short rows)")
     s.add_argument("--seed", type=int, default=0)
 
 
@@ -45,15 +50,18 @@ def _teacher_dtype(args) -> str:
 def _models(args, device):
     from opdkit.runtime.models import TinyQwen3Spec, load_model, tiny_qwen3
 
+    attn = getattr(args, "attn_implementation", "sdpa")
     if args.student and args.teacher:
-        return (load_model(args.student, dtype=args.dtype, device=device),
-                load_model(args.teacher, dtype=_teacher_dtype(args), device=device))
+        return (load_model(args.student, dtype=args.dtype, device=device, attn_implementation=attn),
+                load_model(args.teacher, dtype=_teacher_dtype(args), device=device, attn_implementation=attn))
     s = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                                  head_dim=64, intermediate_size=768), seed=args.seed)
     t = tiny_qwen3(TinyQwen3Spec(vocab_size=768, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
                                  head_dim=64, intermediate_size=1536), seed=args.seed + 1)
     from opdkit.runtime.models import resolve_dtype
 
+    s.set_attn_implementation(attn)
+    t.set_attn_implementation(attn)
     return s.to(device, resolve_dtype(args.dtype)), t.to(device, resolve_dtype(_teacher_dtype(args)))
 
 
@@ -103,7 +111,8 @@ def run(args) -> int:
            "prompts_per_step": args.prompts_per_step, "new_tokens": args.new_tokens, "threads": args.threads,
            "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
            "teacher_dtype": _teacher_dtype(args),
-           "static_decode": args.static_decode, "autocast": args.autocast, "warmup_step_s": warmup_s}
+           "static_decode": args.static_decode, "autocast": args.autocast,
+           "attn_implementation": args.attn_implementation, "warmup_step_s": warmup_s}
     print(json.dumps(res))
     return 0
 

@@ -36,6 +36,11 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 #: Names a dtype setting may take: ``auto`` plus every explicit name :func:`resolve_dtype` knows.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: transformers' attention implementations a model may be loaded with (``attn_implementation``); sdpa is
+#: transformers' default. On CPU, eager (two matmuls and a float32 softmax) measured faster than SDPA's flash
+#: kernel for the bench workload's 148-token rows (teacher scoring and the update, README #15); it keeps a
+#: rows x heads x T x T score tensor per layer for backward, so it is for short sequences.
+ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 #: train.autocast -> (device) -> bf16 autocast of the student's forwards (float32 master weights)?
 AUTOCAST: dict[str, Callable[[torch.device], bool]] = {
     "auto": lambda device: device.type == "cuda",

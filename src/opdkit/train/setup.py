@@ -157,13 +157,14 @@ def load_models(cfg: Config, device: torch.device):
     tok = load_tokenizer(m.tokenizer or m.student, trust_remote_code=m.trust_remote_code)
     teacher_path = m.student if m.teacher == "self" else m.teacher
     student = load_model(m.student, dtype=auto_dtype(m.dtype, device, trains=True), device=device,
-                         trust_remote_code=m.trust_remote_code)
+                         trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
     teacher, vocab = student, student.get_output_embeddings().weight.shape[0]
     if m.teacher != "self-current":
         teacher_tok = load_tokenizer(m.tokenizer or m.student if m.teacher == "self" else teacher_path,
                                      trust_remote_code=m.trust_remote_code)
         teacher = load_model(teacher_path, dtype=auto_dtype(m.teacher_dtype, device), device=device,
-                             trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+                             trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation
+                             ).eval().requires_grad_(False)
         # One vocabulary for both: the teacher scores the student's token ids (a padded embedding is cut).
         vocab = check_tokenizers(tok, teacher_tok, student_vocab_size=vocab,
                                  teacher_vocab_size=teacher.get_output_embeddings().weight.shape[0])
