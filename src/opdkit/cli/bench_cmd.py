@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     s.add_argument("--attn-implementation", default="sdpa", choices=ATTN_CHOICES,
                    help="model.attn_implementation of both models: sdpa (transformers' default) or eager (on CPU "
                    "faster for these short rows)")
+    s.add_argument("--adamw", default="auto", help="optim.adamw: auto (fused on CUDA only), fused (also on CPU), "
+                   "torch_default")
     s.add_argument("--seed", type=int, default=0)
 
 
@@ -86,7 +88,8 @@ def run(args) -> int:
                              "optim.warmup_updates=0", "optim.schedule=constant", f"train.seed={args.seed}",
                              f"train.microbatch_size={args.microbatch_size}",
                              f"rollout.static_decode={str(args.static_decode).lower()}",
-                             f"train.autocast={args.autocast}"], need_models=False)
+                             f"train.autocast={args.autocast}", f"optim.adamw={args.adamw}",
+                             f"model.attn_implementation={args.attn_implementation}"], need_models=False)
     t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[0], pad_id=0)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -112,7 +115,7 @@ def run(args) -> int:
            "device": str(device), "loss": args.loss, "gate": args.gate, "dtype": args.dtype,
            "teacher_dtype": _teacher_dtype(args),
            "static_decode": args.static_decode, "autocast": args.autocast,
-           "attn_implementation": args.attn_implementation, "warmup_step_s": warmup_s}
+           "attn_implementation": args.attn_implementation, "adamw": args.adamw, "warmup_step_s": warmup_s}
     print(json.dumps(res))
     return 0
 

@@ -24,7 +24,15 @@ from opdkit.rollout.preflight import check_tokenizers
 from opdkit.rollout.sampler import SamplingParams
 from opdkit.runtime.gate import segment_params
 from opdkit.runtime.graders import reward_fn as get_reward
-from opdkit.runtime.models import AUTOCAST, auto_dtype, eos_token_ids, load_model, load_tokenizer, single_token_ids
+from opdkit.runtime.models import (
+    ADAMW,
+    AUTOCAST,
+    auto_dtype,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    single_token_ids,
+)
 from opdkit.train.behaviour import resolve_behaviour_logprobs
 from opdkit.train.divergence import DivergenceMonitor
 from opdkit.train.plan import resolve_plan
@@ -191,10 +199,11 @@ def trainer_from_parts(cfg: Config, student, teacher, tok, *, vocab: int | None,
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     o = cfg.optim
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    device = next(student.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=ADAMW[o.adamw](device) or None)  # None: torch's default for the device
     total = resolve_plan(cfg, world)["total_optimizer_updates"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_updates, total, o.schedule))
-    device = next(student.parameters()).device
     mixed = AUTOCAST[cfg.train.autocast](device)  # bf16 autocast of every forward (and a bf16 sampling copy)
     return Trainer(
         cfg=cfg, acc=acc, student=student, teacher=teacher, tok=tok, optimizer=optimizer, scheduler=scheduler,

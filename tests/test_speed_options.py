@@ -1,5 +1,6 @@
-"""``model.attn_implementation``: the trainer loads both models with it, and eager attention computes the
-same log-probs and gradients as SDPA (to float32 rounding), so the option changes speed, not the method."""
+"""Options that change speed, not the method: ``model.attn_implementation`` (the trainer loads both models with
+it; eager attention computes SDPA's log-probs and gradients to float32 rounding) and ``optim.adamw`` (torch's
+fused AdamW kernel: the same updates to float32 rounding)."""
 
 import pytest
 import torch
@@ -46,3 +47,35 @@ def test_eager_and_sdpa_give_the_same_logprobs_and_gradients(tiny_models):
     torch.testing.assert_close(lp_e, lp_s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gr_e, gr_s, rtol=1e-4, atol=1e-5)
     assert gr_s.abs().max() > 1e-3  # the comparison sees real gradients
+
+
+@pytest.mark.parametrize("setting, fused", [("auto", False), ("fused", True), ("torch_default", False)])
+def test_adamw_kernel_follows_the_setting(tiny_models, tmp_path, setting, fused):
+    """auto is fused on CUDA only (on this CPU: torch's default, which the miniature's figures were measured with)."""
+    from opdkit.train.setup import load_models, trainer_from_parts
+
+    cfg = _cfg(tiny_models, tmp_path, f"optim.adamw={setting}")
+    student, teacher, tok, vocab = load_models(cfg, torch.device("cpu"))
+    t = trainer_from_parts(cfg, student, teacher, tok, vocab=vocab)
+    assert bool(t.optimizer.defaults["fused"]) is fused
+
+
+def test_fused_adamw_trains_to_the_same_weights(tiny_models, tmp_path):
+    """Two updates on one rollout batch (the sampling happens before any update, so both runs see the same
+    tokens): the final weights agree to float32 rounding of the parameters (|w| < 1, lr 1e-3)."""
+    from opdkit.train.loop import train
+
+    finals = {}
+    for setting in ("torch_default", "fused"):
+        out = tmp_path / setting
+        cfg = _cfg(tiny_models, out, f"optim.adamw={setting}", "data.max_prompt_tokens=64",
+                   "data.prompt_template={problem}", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+                   "rollout.max_new_tokens=6", "rollout.reward=none", "train.train_steps=1", "train.rollout_passes=2",
+                   "train.progress=false", "train.save_every_steps=0", "optim.lr=1e-3", "train.device=cpu")
+        finals[setting] = load_model(train(cfg, print_fn=lambda *a: None))
+    a, b = (finals[k].state_dict() for k in ("torch_default", "fused"))
+    start = load_model(tiny_models[0]).state_dict()
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-4  # the updates moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
