@@ -92,11 +92,65 @@ def test_failed_compile_warns_and_decodes_eagerly(monkeypatch):
     _same(lean, out)
 
 
-def test_static_step_keeps_every_row():
+def test_static_step_drops_finished_rows_in_halving_buckets(monkeypatch):
+    """Eagerly (as with a CUDA graph) the static step leaves finished rows behind in halving buckets: the
+    batch sizes go 8 -> 4 -> 2 -> 1 at most, and the samples equal the lean step's (which drops every
+    finished row) and those of a static run that keeps every row."""
+    model = _model()
+    lean = _sample(model, False)
+    sizes = []
+    real = decode_steps.PreallocatedLayer.select
+    monkeypatch.setattr(decode_steps.PreallocatedLayer, "select",
+                        lambda self, idx: sizes.append(len(idx)) or real(self, idx))
+    _force_mode(monkeypatch, "eager")
+    dropped = _sample(model, True)
+    per_layer = sizes[:: model.config.num_hidden_layers]
+    assert per_layer and set(per_layer) <= {4, 2, 1} and per_layer == sorted(per_layer, reverse=True)
+    _same(lean, dropped)
+    monkeypatch.setattr(StaticStep, "drops_rows", property(lambda self: False))
+    sizes.clear()
+    kept = _sample(model, True)
+    assert sizes == []
+    _same(dropped, kept)
+
+
+def test_rows_to_keep_against_brute_force():
+    """Every finished-row pattern of 1-9 rows: dynamic shapes keep exactly the unfinished rows once a quarter
+    has finished; static shapes keep a halving bucket that holds every unfinished row, sorted, and at most
+    twice as many rows as are unfinished (or 1)."""
+    import itertools
+
+    from opdkit.rollout.sampler import rows_to_keep
+
+    for A in range(1, 10):
+        for bits in itertools.product([False, True], repeat=A):
+            done_A = torch.tensor(bits)
+            live = {i for i, d in enumerate(bits) if not d}
+            if not live:
+                continue  # the sampler stops before asking
+            dyn = rows_to_keep(done_A, False)
+            assert (dyn is None) == (not (4 * (A - len(live)) >= A > 1))
+            assert dyn is None or set(dyn.tolist()) == live
+            buckets, b = [A], A
+            while b > 1:
+                b = (b + 1) // 2
+                buckets.append(b)
+            want = min(b for b in buckets if b >= len(live))
+            got = rows_to_keep(done_A, True)
+            if want == A:
+                assert got is None
+            else:
+                kept = got.tolist()
+                assert len(kept) == want and kept == sorted(set(kept)) and live <= set(kept)
+                assert want <= max(1, 2 * len(live))
+
+
+def test_compiled_static_step_keeps_every_row():
     model = _model()
     cache = decode_steps.make_cache("preallocated", model.config, 8, torch.float32)
     step = StaticStep(model.config, model.model, cache, torch.ones(2, 4, dtype=torch.long), 4, "preallocated",
-                      torch.float32, True)
+                      torch.float32, True, mode="compile")
+    assert not step.drops_rows
     with pytest.raises(RuntimeError, match="keeps every row"):
         step.select(torch.tensor([0]))
     with pytest.raises(ValueError, match="eager, compile or cuda_graph"):

@@ -92,7 +92,8 @@ class RolloutConfig:
     static_decode: bool = F(False, "decode with a static-shape step: a CUDA graph on CUDA (1.5-2x faster sampling "
                                    "measured on an H200), torch.compile on CPU (1.05-1.5x measured on 2 cores; "
                                    "a compile of 8-15 s per new shape); prompts padded to a multiple of 32 tokens "
-                                   "while decoding; finished rows stay in the batch (opdkit extension)")
+                                   "while decoding; finished rows leave a CUDA-graph batch in halving buckets, "
+                                   "a compiled CPU batch keeps them (opdkit extension)")
     reward: str = F("math", "verifier for the training solve rate: math, chain, none")
 
 

@@ -17,9 +17,12 @@ each new (rows, length, dtype), and the sampler pads prompts to a multiple of 32
 that varied prompt lengths meet few shapes; inductor's C++ wrapper calls the kernels
 (:data:`COMPILE_OPTIONS`). On our 2-core CPU the compiled step samples about 1.4x faster than the lean step
 (README, #15). On CUDA one decode step is captured as a CUDA graph per sampling chunk
-and replayed per token (one launch per token instead of hundreds). Finished rows are not dropped from the
-batch (static shapes); all-rows-finished still ends the loop. If compiling or capturing fails, the step
-warns once and runs eagerly (same math).
+and replayed per token (one launch per token instead of hundreds). Finished rows leave the batch in halving
+buckets (:meth:`StaticStep.select`; the sampler halves the batch while its unfinished rows fit in half, so
+a chunk meets at most log2(rows) + 1 batch sizes, each captured once), except in the CPU compile mode,
+which keeps every row: a new batch size there is a new compile of seconds, and dynamo's recompile limit
+would soon send the step back to eager. If compiling or capturing fails, the step warns once and runs
+eagerly (same math).
 
 The math is checked against the model's own forward before use, as the lean step's is
 (:func:`opdkit.rollout.decode_steps.lean_step_agrees` with ``step_cls=StaticStep``, run eagerly).
@@ -84,8 +87,6 @@ class StaticStep(LeanStep):
             raise ValueError(f"StaticStep mode must be eager, compile or cuda_graph, got {mode!r}")
         self.mode, self.graph, self.out_BH = mode, None, None
         device, L = self.pos_BN.device, self.allowed_BL.shape[1]
-        self.add_mask_B11L = torch.zeros((self.allowed_BL.shape[0], 1, 1, L), dtype=dtype, device=device
-                                         ).masked_fill_(~self.allowed_BL[:, None, None, :], float("-inf"))
         self.col_L = torch.arange(L, device=device)
         self.pos_1, self.t_1 = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(2))
         self.tok_B = torch.zeros(self.allowed_BL.shape[0], dtype=torch.long, device=device)
@@ -95,8 +96,24 @@ class StaticStep(LeanStep):
                       n_post.weight, gu, w_d, b_d)
                      for n_in, qkv, qn, kn, (w_o, b_o), n_post, gu, (w_d, b_d) in self.layers]
 
+    @property
+    def drops_rows(self) -> bool:
+        """Whether the sampler may drop finished rows: not when compiled (see the module docstring)."""
+        return self.mode != "compile"
+
+    def _views(self):
+        decode_steps.DecodeStep._views(self)
+        # an additive mask over all P + N columns, padding closed (the step closes the columns after t)
+        self.add_mask_B11L = torch.zeros(self.mask_B11L.shape, dtype=self.dtype, device=self.pos_BN.device
+                                         ).masked_fill_(~self.mask_B11L, float("-inf"))
+
     def select(self, idx_A: torch.Tensor) -> None:
-        raise RuntimeError("StaticStep keeps every row (static shapes): the sampler does not drop finished rows")
+        """Keep rows ``idx_A`` (the caller selects the cache); a CUDA graph is captured again on the new buffers."""
+        if not self.drops_rows:
+            raise RuntimeError("the compiled StaticStep keeps every row: a new batch size is a new compile")
+        super().select(idx_A)
+        self.tok_B = self.tok_B[idx_A]
+        self.graph, self.out_BH = None, None
 
     def _args(self):
         kv = [(layer._k, layer._v) for layer in self.cache.layers]

@@ -12,7 +12,8 @@ differs from the weights' dtype a sampling copy of the model is kept (per model)
 the master weights at the start of every call, so no weight is cast per token. The LM head runs in
 float32 on the (sampling-dtype) hidden states. The KV cache holds that one dtype; its size is bounded
 by ``SamplingParams.max_cache_gb``: the rows are sampled in chunks that fit. Finished rows leave the
-active batch (the cache, masks and positions are compacted) once a quarter of it has finished.
+active batch (the cache, masks and positions are compacted) once a quarter of it has finished; with a
+static step, in halving buckets (:func:`rows_to_keep`).
 
 Randomness: one seed drawn from ``generator`` per call; the uniform of row ``r`` at step ``t`` is a
 hash of (seed, r, t) (:func:`opdkit.rollout.token_sampling.row_uniforms`), so chunking and dropping
@@ -294,20 +295,41 @@ class _NextToken:
         return tok_A, torch.log_softmax(logits_AV, dim=-1).gather(1, tok_A[:, None]).squeeze(1)
 
 
+def rows_to_keep(done_A: torch.Tensor, halving: bool) -> torch.Tensor | None:
+    """Which rows of the active batch to keep (sorted indices), or None to keep the batch as it is.
+
+    Dynamic shapes: the unfinished rows, once a quarter of the batch has finished. Static shapes
+    (``halving``; one captured step per batch size): the batch shrinks to ceil(A/2), again while the
+    unfinished rows fit in half, and is filled up with finished rows, so one chunk meets at most
+    log2(B) + 1 sizes and never computes more than twice its unfinished rows (finished rows are masked).
+    """
+    A, n_live = len(done_A), int((~done_A).sum())
+    if not halving:
+        return (~done_A).nonzero().squeeze(1) if 4 * (A - n_live) >= A > 1 else None
+    size = A
+    while n_live <= (size + 1) // 2 < size:
+        size = (size + 1) // 2
+    if size == A:
+        return None
+    live_L, done_D = (~done_A).nonzero().squeeze(1), done_A.nonzero().squeeze(1)
+    return torch.cat([live_L, done_D[: size - n_live]]).sort().values
+
+
 def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params: SamplingParams, eos_E,
             pad_token_id: int, seed: int, kv_cache: str, check_every: int, progress: bool, small: bool, dtype):
     """The decode loop over one chunk. Returns response ids / mask ``[B,T]``, ``logp_old_BT``, ``ended_B``.
 
     Per step: one cached decoder forward on the active rows ``act_A`` (positions in the chunk), ``h W^T``
     in float32, sampling with the uniforms of the rows' global ids ``rows_B``, log-softmax gather, EOS
-    bookkeeping; the host syncs only on the every-``check_every``-steps check, which also drops the
-    finished rows once they are a quarter of the active batch (preallocated cache only).
+    bookkeeping; the host syncs only on the every-``check_every``-steps check, which also drops
+    finished rows (:func:`rows_to_keep`; preallocated cache only, not from a compiled static step).
     """
     (B, P), N, device = prompt_ids_BP.shape, params.max_new_tokens, prompt_ids_BP.device
     cache = make_cache(kv_cache, config, P + N, dtype)
     static = static_mode(device) if params.static_decode else ""
     step = graph_step.pick_decode_step(config, decoder, cache, prompt_mask_BP, N, kv_cache, dtype, small, static)
-    drop_rows = kv_cache == "preallocated" and not isinstance(step, StaticStep)  # static shapes keep every row
+    static_shapes = isinstance(step, StaticStep)
+    drop_rows = kv_cache == "preallocated" and getattr(step, "drops_rows", True)
     h_AH = prefill(decoder, cache, prompt_ids_BP, prompt_mask_BP)
     tok_BN = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     logp_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
@@ -330,8 +352,7 @@ def _decode(config, decoder, W_HV, prompt_ids_BP, prompt_mask_BP, rows_B, params
             n_done = int(done_A.sum())
             if n_done == len(act_A):
                 break
-            if drop_rows and 4 * n_done >= len(act_A) > 1:
-                keep_A = (~done_A).nonzero().squeeze(1)
+            if drop_rows and (keep_A := rows_to_keep(done_A, static_shapes)) is not None:
                 ended_B[act_A[done_A]] = True
                 for layer in cache.layers:
                     layer.select(keep_A)
