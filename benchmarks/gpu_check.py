@@ -11,6 +11,7 @@ Needs only torch, transformers and opdkit from ``src/`` (imported from this chec
 
     python benchmarks/gpu_check.py                 # one GPU, paper-like shapes (H200 figures: README)
     python benchmarks/gpu_check.py --tiny --device cpu --new-tokens 8 --prompts 2 --samples 2
+    python benchmarks/gpu_check.py --static-decode --eos-ids 150   # rows end apart: finished-row dropping
 
 MFU counts model FLOPs only: ``6 · N · tokens`` (N = student parameters, the tied LM head included)
 plus causal attention ``6 · layers · heads · head_dim · Σ_rows L²``; gradient-checkpointing recompute
@@ -57,7 +58,11 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens per random prompt")
     ap.add_argument("--prompt-tokens-step", type=int, default=0,
                     help="step i's prompts have prompt-tokens + i * this many tokens (new attention shapes each step)")
-    ap.add_argument("--new-tokens", type=int, default=2048, help="exactly this many new tokens per response")
+    ap.add_argument("--new-tokens", type=int, default=2048, help="exactly this many new tokens per response "
+                    "(at most this many with --eos-ids)")
+    ap.add_argument("--eos-ids", type=int, default=0, help="this many token ids (1..K) end a response, so rows finish "
+                    "at varied points (on random weights about vocab / K tokens each) and the sampler's finished-row "
+                    "dropping runs; 0: EOS suppressed, exactly --new-tokens per row")
     ap.add_argument("--microbatch-size", type=int, default=8, help="sequences per update forward/backward")
     ap.add_argument("--max-cache-gb", type=float, default=24.0, help="rollout.max_cache_gb (KV-cache budget)")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="no gradient checkpointing in the update")
@@ -113,13 +118,15 @@ def run(args) -> dict:
     V = student.config.vocab_size
     cfg = load_config(None, ["loss.name=opd", "gate.name=none", "rollout.reward=none",
                              f"rollout.prompts_per_step={args.prompts}", f"rollout.samples_per_prompt={args.samples}",
-                             f"rollout.max_new_tokens={args.new_tokens}", f"rollout.min_new_tokens={args.new_tokens}",
+                             f"rollout.max_new_tokens={args.new_tokens}",
+                             f"rollout.min_new_tokens={0 if args.eos_ids else args.new_tokens}",
                              f"rollout.max_cache_gb={args.max_cache_gb}", "train.rollout_passes=1",
                              "train.minibatches_per_pass=1", "optim.lr=1e-6", "optim.warmup_updates=0",
                              "optim.schedule=constant", f"train.seed={args.seed}",
                              f"train.microbatch_size={args.microbatch_size}",
                              f"rollout.static_decode={str(args.static_decode).lower()}"], need_models=False)
-    t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=[1], pad_id=0)
+    eos_ids = list(range(1, 1 + args.eos_ids)) if args.eos_ids else [1]
+    t = trainer_from_parts(cfg, student, teacher, _NoTok(), vocab=V, eos_ids=eos_ids, pad_id=0)
     n_params = sum(p.numel() for p in student.parameters())
     rows, spec = args.prompts * args.samples, TINY_STUDENT if args.tiny else STUDENT
     g = torch.Generator().manual_seed(args.seed)
@@ -127,16 +134,18 @@ def run(args) -> dict:
     for i in range(args.steps):
         P = args.prompt_tokens + i * args.prompt_tokens_step
         prompts = torch.randint(3, V, (args.prompts, P), generator=g).tolist()
-        flops = update_flops(spec, n_params, rows, P + args.new_tokens)
         updates = []
         _sync(device)
         rec = rollout_step(t, i, StepPrompts(prompts), on_update=updates.append)
         _sync(device)
+        # model FLOPs of the tokens sampled (with --eos-ids: at the mean response length, padding not counted)
+        flops = update_flops(spec, n_params, rows, P + rec["response_len"])
         s, te, u = rec["time/sample"], rec["time/teacher"], rec["time/update"]
         row = {"step": i, "prompt_tokens": P, "sample_s": s, "teacher_s": te, "update_s": u,
                "sample_tokens_per_s": rec["generated_tokens"] / s, "generated_tokens": rec["generated_tokens"],
                "update_mfu": flops / u / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
-               "pass0_drift": float(updates[0]["drift_abs_mean"]), "loss": float(rec["loss"])}
+               "pass0_drift": float(updates[0]["drift_abs_mean"]), "loss": float(rec["loss"]),
+               "response_len_mean": rec["response_len"], "stop_eos": rec["stop_eos"]}
         steps.append(row)
         mfu = "n/a" if row["update_mfu"] is None else f"{row['update_mfu']:.1%}"
         print(f"step {i}: sample {s:.2f} s ({row['sample_tokens_per_s']:,.0f} tokens/s), teacher {te:.2f} s, "
@@ -155,6 +164,7 @@ def run(args) -> dict:
            "update_mfu": med(r["update_mfu"] for r in timed) if device.type == "cuda" else None,
            "pass0_drift_max": max(r["pass0_drift"] for r in steps),
            "static_decode": args.static_decode, "prompt_tokens_step": args.prompt_tokens_step,
+           "eos_ids": args.eos_ids,
            # the hand-written decode steps' checks against the model's own forward: "dtype[ StaticStep]"
            "lean_step_checks": [{" ".join(map(str, k[:1] + k[2:])): ok for k, ok in v.items()}
                                 for v in _lean_verdicts()],

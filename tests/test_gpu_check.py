@@ -25,3 +25,16 @@ def test_gpu_check_tiny_cpu(capsys):
     assert {"torch.float32": True} in res["lean_step_checks"]  # the lean step passed its check
     # the paper-like shapes are the real Qwen3 ones (parameter counts of Qwen3-1.7B / 4B, tied embeddings)
     assert mod.STUDENT.hidden_size == 2048 and mod.STUDENT.num_layers == 28 and mod.TEACHER.num_layers == 36
+
+
+def test_gpu_check_with_eos_ids_ends_rows_apart(capsys):
+    """--eos-ids K: rows end at varied points (so the sampler drops finished rows); the report says so."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run(mod.parse_args(["--tiny", "--device", "cpu", "--steps", "2", "--prompts", "4", "--samples", "2",
+                                  "--prompt-tokens", "5", "--new-tokens", "40", "--eos-ids", "25",
+                                  "--microbatch-size", "4"]))
+    assert res["eos_ids"] == 25
+    assert any(0 < r["stop_eos"] < 1 for r in res["steps"])  # some rows ended early, others ran on
+    assert all(r["generated_tokens"] < 8 * 40 for r in res["steps"])
