@@ -129,7 +129,7 @@ def test_run_all_resume_keeps_finished_jobs(tmp_path, monkeypatch):
     from opdkit.demo.presets import get_preset
 
     preset = get_preset("quick")
-    keys = ["base", "teacher"] + [f"{v}-seed0" for v in preset.variants]
+    keys = ["base-seed0", "base-seed1", "teacher"] + [f"{v}-seed{s}" for v in preset.variants for s in (0, 1)]
     for k in keys:
         (tmp_path / "runs" / k / "eval").mkdir(parents=True)
         (tmp_path / "runs" / k / "eval" / "results.json").write_text("{}")
@@ -139,13 +139,41 @@ def test_run_all_resume_keeps_finished_jobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "train_job", boom)
     monkeypatch.setattr(runner, "reference_job", boom)
-    done = runner.run_all(preset, out=tmp_path, student=tmp_path, teacher=tmp_path, data=tmp_path, resume=True,
-                          print_fn=lambda *a: None)
+    done = runner.run_all(preset, out=tmp_path, seeds=2, student=tmp_path, teacher=tmp_path, data=tmp_path,
+                          resume=True, print_fn=lambda *a: None)
     assert sorted(done) == sorted(keys)
-    (tmp_path / "runs" / "opd-seed0" / "eval" / "results.json").unlink()
-    with pytest.raises(AssertionError, match="run again"):
-        runner.run_all(preset, out=tmp_path, student=tmp_path, teacher=tmp_path, data=tmp_path, resume=True,
-                       print_fn=lambda *a: None)
+    for gone in ("opd-seed0", "base-seed1"):
+        (tmp_path / "runs" / gone / "eval" / "results.json").unlink()
+        with pytest.raises(AssertionError, match="run again"):
+            runner.run_all(preset, out=tmp_path, seeds=2, student=tmp_path, teacher=tmp_path, data=tmp_path,
+                           resume=True, print_fn=lambda *a: None)
+        (tmp_path / "runs" / gone / "eval" / "results.json").write_text("{}")
+
+
+def test_base_student_is_evaluated_with_each_variant_seeds_evaluation_seed(tmp_path, monkeypatch):
+    """Variant seed s is evaluated with evaluation seed s, and so is one base-student run per seed: each trained
+    run has a paired base; the teacher is evaluated once. The commands say which seed and label."""
+    import opdkit.demo.runner as runner
+    from opdkit.demo.presets import get_preset
+
+    preset = get_preset("quick")
+    calls = []
+    monkeypatch.setattr(runner, "_run", lambda cmd, log: calls.append(cmd))
+    monkeypatch.setattr(runner, "train_job", lambda name, seed, *a: calls.append(["train", name, seed]) or tmp_path)
+    done = runner.run_all(preset, out=tmp_path, seeds=3, jobs=1, variants=["opd"], student=tmp_path / "s",
+                          teacher=tmp_path / "t", data=tmp_path, print_fn=lambda *a: None)
+    assert sorted(done) == ["base-seed0", "base-seed1", "base-seed2", "opd-seed0", "opd-seed1", "opd-seed2",
+                            "teacher"]
+    evals = {(c[c.index("--model") + 1], c[c.index("--seed") + 1], c[c.index("--label") + 1])
+             for c in calls if "eval" in c}
+    assert evals == {(str(tmp_path / "s"), str(s), f"base student-seed{s}") for s in range(3)} | {
+        (str(tmp_path / "t"), "0", "teacher")}
+    calls.clear()  # and a trained run is evaluated with its training seed
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "_run", lambda cmd, log: calls.append(cmd))
+    runner.train_job("opd", 2, preset, tmp_path / "s", tmp_path / "t", tmp_path, tmp_path)
+    train_cmd, eval_cmd = calls
+    assert "train.seed=2" in train_cmd and eval_cmd[eval_cmd.index("--seed") + 1] == "2"
 
 
 def test_demo_set_rejects_an_invalid_override_before_any_job(tmp_path):

@@ -39,8 +39,9 @@ class DemoReport:
 
 
 def job_order(variants: list[str], seeds: int) -> list[str]:
-    """Job names in table order: the base student, every variant's seeds, the teacher."""
-    return ["base"] + [f"{v}-seed{s}" for v in variants for s in range(seeds)] + ["teacher"]
+    """Job names in table order: the base student's evaluation seeds, every variant's seeds, the teacher."""
+    return [f"base-seed{s}" for s in range(seeds)] + [f"{v}-seed{s}" for v in variants for s in range(seeds)] + [
+        "teacher"]
 
 
 def write_demo_report(runs: dict[str, Path], variants: list[str], seeds: int, preset: Preset,

@@ -73,14 +73,21 @@ def train_job(name: str, seed: int, preset: Preset, student: Path, teacher: Path
     return run
 
 
-def reference_job(kind: str, model: Path, preset: Preset, out: Path) -> Path:
-    """Evaluate the shipped student ("base student") or the teacher with the same protocol."""
-    run = out / "runs" / kind
+def reference_key(kind: str, seed: int | None) -> str:
+    """Job name of a reference evaluation: ``base-seedS`` (the base student is evaluated with every training
+    seed's evaluation seed, so each variant seed has its paired base), ``teacher`` (once, seed 0)."""
+    return f"base-seed{seed}" if kind == "base" else kind
+
+
+def reference_job(kind: str, model: Path, preset: Preset, out: Path, seed: int = 0) -> Path:
+    """Evaluate the shipped student ("base student", evaluation seed ``seed``) or the teacher with the same
+    protocol as the trained variants (which are evaluated with their training seed)."""
+    run = out / "runs" / reference_key(kind, seed)
     run.mkdir(parents=True, exist_ok=True)
     log = run / "job.log"
     log.write_text("")
-    label = {"base": "base student", "teacher": "teacher"}[kind]
-    _run(eval_cmd(model, run / "eval", preset, label, 0), log)
+    label = f"base student-seed{seed}" if kind == "base" else "teacher"
+    _run(eval_cmd(model, run / "eval", preset, label, seed), log)
     return run
 
 
@@ -113,11 +120,16 @@ def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variant
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
-    todo = [("base", None), ("teacher", None)] + [(n, s) for s in range(seeds) for n in names]
+    refs = [("base", s) for s in range(seeds)] + [("teacher", None)]
+    todo = refs + [(n, s) for s in range(seeds) for n in names]
     done: dict[str, Path] = {}
+
+    def key_of(name: str, seed: int | None) -> str:
+        return reference_key(name, seed) if (name, seed) in refs else f"{name}-seed{seed}"
+
     if resume:
         for name, seed in list(todo):
-            key = name if seed is None else f"{name}-seed{seed}"
+            key = key_of(name, seed)
             if (run := _finished(out, key, name, preset)) is not None:
                 done[key] = run
                 todo.remove((name, seed))
@@ -130,13 +142,11 @@ def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variant
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futs = {}
         for name, seed in todo:
-            if seed is None:
-                fut = pool.submit(reference_job, name, student if name == "base" else teacher, preset, out)
-                key = name
+            if (name, seed) in refs:
+                fut = pool.submit(reference_job, name, student if name == "base" else teacher, preset, out, seed or 0)
             else:
                 fut = pool.submit(train_job, name, seed, preset, student, teacher, data, out)
-                key = f"{name}-seed{seed}"
-            futs[fut] = key
+            futs[fut] = key_of(name, seed)
         for fut in as_completed(futs):
             key = futs[fut]
             done[key] = fut.result()
@@ -147,16 +157,18 @@ def run_all(preset: Preset, *, out: Path, seeds: int = 1, jobs: int = 2, variant
 
 
 def collapse_summary(runs: dict[str, Path], metric: str = "pass@8") -> dict:
-    """Collapse = a trained run's mean ``metric`` below half of the base student's (ours)."""
+    """Collapse = a trained run's mean ``metric`` below half of the base student's (its mean over its
+    evaluation seeds; ours)."""
     def mean_of(run: Path) -> float:
         return json.loads((run / "eval" / "results.json").read_text())["mean"][metric]
 
-    base = mean_of(runs["base"])
+    bases = [mean_of(run) for key, run in runs.items() if seed_group_key(key)[0] == "base"]
+    base = sum(bases) / len(bases)
     out: dict = {"base_mean": base, "threshold": base / 2, "variants": {}}
     for key, run in runs.items():
-        if key in ("base", "teacher"):
-            continue
         name = seed_group_key(key)[0]
+        if name in ("base", "teacher"):
+            continue
         v = out["variants"].setdefault(name, {"runs": 0, "collapsed": 0, "means": []})
         m = mean_of(run)
         v["runs"] += 1
