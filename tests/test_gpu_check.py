@@ -7,13 +7,17 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
-def test_gpu_check_tiny_cpu(capsys):
+def _run(*argv):
+    """(the script's module, its result) for ``--tiny --device cpu`` and ``argv``."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.run(mod.parse_args(["--tiny", "--device", "cpu", "--steps", "2", "--prompts", "2", "--samples", "2",
-                                  "--prompt-tokens", "5", "--prompt-tokens-step", "3", "--new-tokens", "6",
-                                  "--microbatch-size", "2"]))
+    return mod, mod.run(mod.parse_args(["--tiny", "--device", "cpu", *argv]))
+
+
+def test_gpu_check_tiny_cpu(capsys):
+    mod, res = _run("--steps", "2", "--prompts", "2", "--samples", "2", "--prompt-tokens", "5",
+                    "--prompt-tokens-step", "3", "--new-tokens", "6", "--microbatch-size", "2")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(res))  # the JSON line is the result
     assert len(res["steps"]) == 2 and res["rows"] == 4
@@ -29,12 +33,8 @@ def test_gpu_check_tiny_cpu(capsys):
 
 def test_gpu_check_with_eos_ids_ends_rows_apart(capsys):
     """--eos-ids K: rows end at varied points (so the sampler drops finished rows); the report says so."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    res = mod.run(mod.parse_args(["--tiny", "--device", "cpu", "--steps", "2", "--prompts", "4", "--samples", "2",
-                                  "--prompt-tokens", "5", "--new-tokens", "40", "--eos-ids", "25",
-                                  "--microbatch-size", "4"]))
+    _, res = _run("--steps", "2", "--prompts", "4", "--samples", "2", "--prompt-tokens", "5", "--new-tokens", "40",
+                  "--eos-ids", "25", "--microbatch-size", "4")
     assert res["eos_ids"] == 25
     assert any(0 < r["stop_eos"] < 1 for r in res["steps"])  # some rows ended early, others ran on
     assert all(r["generated_tokens"] < 8 * 40 for r in res["steps"])
