@@ -87,14 +87,23 @@ def test_trace_errors_classifies_step_counts_and_prefixes():
 
     problem = "37 c+5 a-7 b*3"
     ref = solve(problem)  # 37 c+5=42 / 42 b*3=26 / 26 a-7=19 / answer: 19
-    assert trace_errors(problem, ref) == {"k": 3, "steps": 3, "correct_prefix": 3, "kind": "exact"}
+    assert trace_errors(problem, ref) == {"k": 3, "steps": 3, "correct_prefix": 3, "kind": "exact",
+                                          "reference": True}
+    assert trace_errors(problem, "\n" + ref + "\n")["reference"]  # surrounding whitespace is not a slip
     lines = ref.split("\n")
     short = "\n".join(lines[:2] + ["answer: 26"])
-    assert trace_errors(problem, short) == {"k": 3, "steps": 2, "correct_prefix": 2, "kind": "short"}
+    assert trace_errors(problem, short) == {"k": 3, "steps": 2, "correct_prefix": 2, "kind": "short",
+                                            "reference": False}
     long = "\n".join(lines[:3] + ["19 d+2=21", "answer: 21"])
-    assert trace_errors(problem, long) == {"k": 3, "steps": 4, "correct_prefix": 3, "kind": "long"}
+    assert trace_errors(problem, long) == {"k": 3, "steps": 4, "correct_prefix": 3, "kind": "long",
+                                           "reference": False}
     slip = "\n".join([lines[0], "42 b*3=27", "27 a-7=20", "answer: 20"])
-    assert trace_errors(problem, slip) == {"k": 3, "steps": 3, "correct_prefix": 1, "kind": "exact"}
+    assert trace_errors(problem, slip) == {"k": 3, "steps": 3, "correct_prefix": 1, "kind": "exact",
+                                           "reference": False}
+    # a wrong trace that ends on the right answer is not the reference trace
+    lucky = "\n".join([lines[0], "42 b*3=27", "27 a-7=19", "answer: 19"])
+    assert not trace_errors(problem, lucky)["reference"]
+    assert not trace_errors(problem, "\n".join(lines[:3] + ["answer: 20"]))["reference"]
     assert trace_errors(problem, "garbage")["kind"] == "short"
 
 
@@ -117,11 +126,55 @@ def test_traces_table_averages_seeds(tmp_path):
     short = ["\n".join(g.split("\n")[:3]) for g in good]
     runs = {"base": run("base", [good[0], short[1]]), "opd-seed0": run("s0", good), "opd-seed1": run("s1", short)}
     md, stats = traces_table(runs, {"base": "base student", "opd": "OPD"})
+    ids = [r["id"] for r in rows]
     assert stats["per_run"]["base"] == {"n": 2, "short": 0.5, "exact": 0.5, "long": 0.0,
-                                        "prefix_frac": (1 + 3 / 8) / 2, "correct": 0.5}
+                                        "prefix_frac": (1 + 3 / 8) / 2, "correct": 0.5, "reference": 0.5,
+                                        "chance": 0.0, "problems": {"chain8": {ids[0]: [1, 1], ids[1]: [1, 0]}}}
     opd = stats["per_variant"]["opd"]
-    assert opd["runs"] == 2 and opd["short"] == 0.5 and opd["correct"] == 0.5
+    assert opd["runs"] == 2 and opd["short"] == 0.5 and opd["correct"] == 0.5 and opd["reference"] == 0.5
     assert "| OPD | 2 | 50.0 | 50.0 | 0.0 |" in md and "| base student | 1 |" in md
+
+
+def test_traces_count_right_answers_from_wrong_traces(tmp_path):
+    from opdkit.demo.traces import trace_stats
+    from opdkit.tasks.chain import make_benchmark, solve
+
+    row = make_benchmark(8)[0]
+    ref = solve(row["problem"]).split("\n")
+    lucky = "\n".join([ref[0], ref[1][:-2] + "00", *ref[2:]])  # a wrong result on line 2, the right answer
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"benchmark": "chain8", "id": row["id"], "response": resp, "reward": 1})
+                            + "\n" for resp in ("\n".join(ref), lucky)))
+    s = trace_stats(path)
+    assert s["correct"] == 1.0 and s["reference"] == 0.5 and s["chance"] == 0.5
+
+
+def test_strict_table_is_pass_at_k_over_reference_traces():
+    # brute force: the fraction of k-subsets of a problem's samples that hold a reference trace
+    import itertools
+    import statistics
+
+    from opdkit.demo.traces import strict_table
+
+    n, k = 5, 2
+    refs = {"base": {"p0": [1, 0, 0, 0, 0], "p1": [0, 0, 0, 0, 0], "p2": [1, 1, 0, 1, 0]},
+            "opd-seed0": {"p0": [1, 1, 1, 1, 1], "p1": [0, 0, 0, 1, 0], "p2": [0, 0, 0, 0, 0]},
+            "opd-seed1": {"p0": [0, 1, 0, 0, 0], "p1": [1, 1, 0, 0, 0], "p2": [0, 0, 1, 0, 0]}}
+
+    def brute(flags):
+        subsets = list(itertools.combinations(flags, k))
+        return sum(any(s) for s in subsets) / len(subsets)
+
+    per_run = {key: {"problems": {"chain8": {p: [n, sum(f)] for p, f in probs.items()}}} for key, probs in refs.items()}
+    md, cells = strict_table(per_run, {"base": "base student", "opd": "OPD"}, k)
+    want = {key: statistics.fmean(brute(f) for f in probs.values()) for key, probs in refs.items()}
+    base_vals = [brute(f) for f in refs["base"].values()]
+    assert abs(cells["base"]["chain8"][0] - want["base"]) < 1e-12
+    assert abs(cells["base"]["chain8"][1] - statistics.stdev(base_vals) / 3 ** 0.5) < 1e-12  # one run: over problems
+    seeds = [want["opd-seed0"], want["opd-seed1"]]
+    assert abs(cells["opd"]["mean"][0] - statistics.fmean(seeds)) < 1e-12
+    assert abs(cells["opd"]["mean"][1] - statistics.stdev(seeds) / 2 ** 0.5) < 1e-12  # several seeds: over seeds
+    assert "| OPD | 2 |" in md and "| base student | 1 |" in md
 
 
 def test_run_all_resume_keeps_finished_jobs(tmp_path, monkeypatch):

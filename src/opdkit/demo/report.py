@@ -14,12 +14,16 @@ from pathlib import Path
 from opdkit.demo.presets import VARIANTS, Preset
 from opdkit.demo.runner import collapse_summary
 from opdkit.demo.tables import SE_NOTE, se_table
-from opdkit.demo.traces import traces_table, training_table
+from opdkit.demo.traces import strict_table, traces_table, training_table
 from opdkit.eval.report import load_run, to_markdown, write_report
 
 TRACES_HEAD = ("# How the evaluated traces end\n\nPercent of all evaluated samples (every benchmark, every seed): "
                "stopped before step k, wrote exactly k steps, ran past step k; the mean fraction of leading "
-               "steps equal to the reference; correct answers (avg@n).\n\n")
+               "steps equal to the reference; correct answers (avg@n); samples that write the reference trace; "
+               "right answers from a wrong trace (a state modulo 100 after a few `*` operations takes few values, "
+               "so a wrong trace can end on the right answer).\n\n")
+STRICT_HEAD = ("strict {metric} (%): a problem counts as solved only when one of its samples writes the reference "
+               "trace; the answer grader above also counts wrong traces that end on the right answer:\n\n")
 
 TRAINING_HEAD = ("# Training summary\n\nPer run, the mean of the first -> last 5 rollout steps (metrics.jsonl): the "
                  "sampled-token reverse KL to the teacher (nats/token), the mean |drift| between the behaviour "
@@ -61,7 +65,10 @@ def write_demo_report(runs: dict[str, Path], variants: list[str], seeds: int, pr
     jobs = {k: runs[k] for k in order}
     traces_md, traces = traces_table(jobs, labels)
     (rep / "traces.md").write_text(TRACES_HEAD + traces_md + "\n")
-    (rep / "traces.json").write_text(json.dumps(traces, indent=1))
+    strict_md, strict = strict_table(traces["per_run"], labels, preset.eval_n)
+    for s in traces["per_run"].values():  # the per-problem counts are for strict_table, not the json
+        s.pop("problems")
+    (rep / "traces.json").write_text(json.dumps(traces | {"strict": strict}, indent=1))
     train_md, train_stats = training_table(jobs, labels)
     (rep / "training.md").write_text(TRAINING_HEAD + train_md + "\n")
     (rep / "training.json").write_text(json.dumps(train_stats, indent=1))
@@ -70,6 +77,7 @@ def write_demo_report(runs: dict[str, Path], variants: list[str], seeds: int, pr
         header, rows = se_table(records, m)
         tables.append(f"{m} (%), {preset.eval_n} samples per problem, {preset.eval_problems} problems per "
                       f"benchmark:\n\n" + to_markdown(header, rows))
+    tables.append(STRICT_HEAD.format(metric=metric) + strict_md)
     text = "\n\n".join(tables) + f"\n\n{SE_NOTE}\n"
     (rep / "table.md").write_text(text)
     return DemoReport(tables=text, collapse=collapse, training_md=train_md, traces_md=traces_md, paths=paths)

@@ -33,12 +33,12 @@ def _problem_se(bench: dict, metric: str) -> float | None:
     return statistics.stdev(vals) / math.sqrt(len(vals))
 
 
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
+def mean_se(values: list[float]) -> tuple[float, float | None]:
     m = statistics.fmean(values)
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
 
 
-def _fmt(m: float | None, se: float | None) -> str:
+def fmt_cell(m: float | None, se: float | None) -> str:
     if m is None:
         return MISSING
     return f"{100 * m:.1f}" if se is None else f"{100 * m:.1f} ± {100 * se:.1f}"
@@ -53,10 +53,10 @@ def se_cells(members: list[RunRecord], benches: list[str], metric: str) -> dict[
         for b in benches:
             vals = [v[b] for v in per_seed if v.get(b) is not None]
             if vals:
-                out[b] = _mean_se(vals)
+                out[b] = mean_se(vals)
         means = [statistics.fmean(v.values()) for v in per_seed if v and None not in v.values()]
         if means:
-            out["mean"] = _mean_se(means)
+            out["mean"] = mean_se(means)
         return out
     run, vals = members[0], per_seed[0]
     ses = []
@@ -79,7 +79,7 @@ def se_table(runs: list[RunRecord], metric: str) -> tuple[list[str], list[list[s
     rows = []
     for key, members in group_by_seed(runs):
         cells = se_cells(members, benches, metric)
-        rows.append([key, str(len(members)), *(_fmt(*cells.get(c, (None, None))) for c in [*benches, "mean"])])
+        rows.append([key, str(len(members)), *(fmt_cell(*cells.get(c, (None, None))) for c in [*benches, "mean"])])
     return header, rows
 
 

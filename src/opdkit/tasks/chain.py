@@ -297,12 +297,16 @@ _STEP_LINE_RE = re.compile(r"^\d+ [a-z][+\-*]\d=\d+$")
 def trace_errors(problem: str, response_text: str) -> dict:
     """How a response's trace departs from the reference solution of ``problem``.
 
-    Returns ``{"k", "steps", "correct_prefix", "kind"}``: the steps the problem needs, the step lines the
-    response wrote (lines shaped like ``37 a+5=42``), how many leading lines equal the reference's, and
-    ``kind``: ``exact`` (k steps), ``short`` (stopped before step k) or ``long`` (ran past step k).
-    A response can have the right number of steps and still be wrong (a slip inside a line).
+    Returns ``{"k", "steps", "correct_prefix", "kind", "reference"}``: the steps the problem needs, the step
+    lines the response wrote (lines shaped like ``37 a+5=42``), how many leading lines equal the reference's,
+    ``kind``: ``exact`` (k steps), ``short`` (stopped before step k) or ``long`` (ran past step k), and
+    ``reference``: the response is the reference solution, every step line and the answer line.
+    A response can have the right number of steps and still be wrong (a slip inside a line), and a wrong
+    trace can still end on the right answer: a state modulo 100 after a ``*2`` / ``*5`` / ``*4`` takes few
+    values, so the answer grader alone counts some wrong traces as solved; ``reference`` does not.
     """
-    ref = solve(problem).split("\n")[:-1]
+    full = solve(problem).split("\n")
+    ref = full[:-1]
     lines = [ln.strip() for ln in str(response_text).strip().split("\n")]
     steps = sum(1 for ln in lines if _STEP_LINE_RE.match(ln))
     prefix = 0
@@ -312,4 +316,4 @@ def trace_errors(problem: str, response_text: str) -> dict:
         prefix += 1
     k = len(ref)
     kind = "exact" if steps == k else ("short" if steps < k else "long")
-    return {"k": k, "steps": steps, "correct_prefix": prefix, "kind": kind}
+    return {"k": k, "steps": steps, "correct_prefix": prefix, "kind": kind, "reference": lines == full}
