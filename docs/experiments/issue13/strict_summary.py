@@ -1,4 +1,4 @@
-"""strict_summary.py RUN_DIR...: per run (RUN_DIR/eval/samples.jsonl), strict pass@1 / pass@8 per chain
+"""strict_summary.py RUN_DIR_OR_PARENT...: per run (RUN_DIR/eval/samples.jsonl), strict pass@1 / pass@8 per chain
 benchmark and their mean (a sample counts only when it writes the reference trace), the answer-graded mean
 pass@8, and the % of samples with the right answer from a wrong trace."""
 import json
@@ -8,7 +8,9 @@ from pathlib import Path
 
 from opdkit.demo.traces import strict_pass_at_k, trace_stats
 
-for d in map(Path, sys.argv[1:]):
+args = [Path(a) for a in sys.argv[1:]]
+runs = [r for a in args for r in ([a] if (a / "eval").is_dir() else sorted(x for x in a.iterdir() if x.is_dir()))]
+for d in runs:
     p = d / "eval" / "samples.jsonl"
     if not (d / "eval" / "results.json").is_file():
         continue
