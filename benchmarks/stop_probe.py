@@ -21,12 +21,11 @@ import statistics
 import torch
 
 from opdkit.tasks.chain import (
-    DIGITS,
     LETTERS,
-    OPS,
     apply_op,
     format_prompt,
     make_benchmark,
+    random_op,
     random_problem,
     solve,
 )
@@ -43,7 +42,7 @@ def probe_text(problem: str, rng: random.Random, extra: int = 2) -> tuple[str, i
     x = int(sol[-1][-2:])
     lines = list(sol)
     for _ in range(extra):
-        op, d = rng.choice(OPS), rng.choice(DIGITS)
+        op, d = random_op(rng)
         y = apply_op(x, op, d)
         lines.append(f"{x:02d} {LETTERS[rng.randrange(k)]}{op}{d}={y:02d}")
         x = y

@@ -104,15 +104,15 @@ def _digest(batches, n=3):
 
 
 def test_recipe_data_streams_are_pinned():
-    # the first format (countdown=False) still draws exactly the batches of the first shipped checkpoints
-    # (digest taken with the code before the countdown format, commit 97cdc89); the countdown streams (the
-    # shipped recipe's, clean and with the teacher's slips) are pinned so the recipe cannot change silently
+    # every stream is pinned so the recipe cannot change silently: the first format (countdown=False), the
+    # countdown format of the shipped recipe, clean and with the teacher's slips. Digests taken when the
+    # multipliers became bijective (MUL_DIGITS, #13), which changed every stream.
     assert _digest(P.train_batches(5, 32, (4, 24), countdown=False)) == \
-        "bcb590839839ccc0e9e4512add9c0b029ebd71548059c588cacf9005a65d59dd"
+        "ece4b9fbf114f491df45f471b826723f9aaab52e5981e96d6eee500931ee1cc0"
     assert _digest(P.train_batches(5, 32, (4, 24))) == \
-        "e875ae4f144ce8a52c80d5decefaa27c902ff21ff9855671710328267e7b9650"
+        "07c4ba5b08e7b7493c5f5a9784f24ca085a0932b3e95048638edf93cc6805e97"
     assert _digest(P.train_batches(5, 32, (4, 24), (0.25, 0.25))) == \
-        "dadaec6ba3b0647703929a1ccff89eb8011881728c84c437d63e685ba7738b14"
+        "caf07fda109cf4e389b9ace7556a95d539cc3395add2a2c3eb099948940af297"
     # the shipped recipe trains on the countdown format only; only the teacher sees off-track traces
     assert all(ph.countdown for ph in P.TEACHER_PHASES + P.STUDENT_PHASES)
     assert all(ph.slips == (0.0, 0.0) for ph in P.STUDENT_PHASES)

@@ -12,9 +12,14 @@ from opdkit.tasks.chain import (
     ALPHABET,
     BENCHMARK_KS,
     BENCHMARK_SIZE,
+    DIGITS,
     LETTERS,
+    MOD,
+    MUL_DIGITS,
+    OPS,
     ChainTask,
     answer_of,
+    apply_op,
     benchmarks,
     chain_tokenizer,
     format_prompt,
@@ -22,6 +27,7 @@ from opdkit.tasks.chain import (
     make_benchmark,
     make_train_prompts,
     parse_problem,
+    random_op,
     random_problem,
     read_jsonl,
     solve,
@@ -85,6 +91,19 @@ def test_grade_handles_garbage_and_uses_last_answer_line():
     assert grade_chain("answer: 19\nanswer: 20", "19") == 0
     assert grade_chain("answer: 20\nanswer: 19", "19") == 1
     assert grade_chain("19 a+0=19 answer: 19", "19") == 0  # must be its own line
+
+
+def test_every_operation_is_a_bijection_of_the_state():
+    # brute force over every state: a one-to-one step means a slip is never undone by a later step, so a
+    # wrong trace reaches the right answer only by chance (the answer grader's lucky answers, #13)
+    for op in OPS:
+        for d in MUL_DIGITS if op == "*" else DIGITS:
+            assert sorted(apply_op(x, op, d) for x in range(MOD)) == list(range(MOD)), (op, d)
+    rng = random.Random(0)
+    drawn = {random_op(rng) for _ in range(2000)}
+    assert drawn == {(op, d) for op in OPS for d in (MUL_DIGITS if op == "*" else DIGITS)}
+    for row in make_benchmark(24, 64, seed=0):
+        assert all(d in MUL_DIGITS for op, d in parse_problem(row["problem"])[1] if op == "*")
 
 
 def test_tokenizer_covers_every_generated_char():
@@ -177,7 +196,7 @@ def teacher():
     return load_model(ASSETS / "teacher", device="cpu"), load_tokenizer(ASSETS / "teacher")
 
 
-def test_shipped_checkpoints_load_and_teacher_solves_chain8(teacher):
+def test_shipped_checkpoints_load_and_teacher_solves_chain12(teacher):
     import torch
 
     from opdkit.runtime.models import load_model, load_tokenizer
@@ -190,19 +209,20 @@ def test_shipped_checkpoints_load_and_teacher_solves_chain8(teacher):
     assert student.num_parameters() == model.num_parameters()
     assert not torch.equal(student.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
-    rows = make_benchmark(8, 5)
+    rows = make_benchmark(12, 5)
     tok.padding_side = "left"
     enc = tok([format_prompt(r["problem"]) for r in rows], return_tensors="pt", padding=True,
               add_special_tokens=False)
 
     def greedy_correct(m):
         with torch.no_grad():
-            out = m.generate(**enc, max_new_tokens=trace_length(8) + 5, do_sample=False,
+            out = m.generate(**enc, max_new_tokens=trace_length(12) + 5, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return sum(grade_chain(t, r["answer"]) for t, r in zip(texts, rows)), texts
 
     correct, texts = greedy_correct(model)
     assert correct >= 4, texts
-    # measured: teacher 5/5, student 0/5 greedy on these problems; the gap is what OPD has to close
+    # measured: teacher 5/5, student 0/5 greedy on these problems (on chain8 4/5: it has learned short
+    # chains); the gap is what OPD has to close
     assert greedy_correct(student)[0] < correct

@@ -13,7 +13,7 @@ order, so the tag is the only way to find the next one::
 
 Each solution line has a fixed width of 10 characters (9 + newline): the previous state (2 digits,
 zero padded), a space, the tagged operation exactly as written in the prompt (letter, op, operand
-``d`` in 2..9), ``=`` and the new state (2 digits).
+``d`` in 2..9 for ``+``/``-`` and 3, 7 or 9 for ``*``), ``=`` and the new state (2 digits).
 The trace ends with ``answer: NN`` (no trailing newline; the model emits eos after it). For ``k``
 steps the trace is ``10*k + 10`` characters, so ``k = 12`` gives 130 tokens (131 with eos). Steps are
 separated by newlines, which is what the NewlineSpan gate segments on.
@@ -61,7 +61,11 @@ from pathlib import Path
 
 MOD = 100
 OPS = "+-*"
-DIGITS = tuple(range(2, 10))
+DIGITS = tuple(range(2, 10))  # operands of + and -
+# multipliers coprime to MOD: every operation is a bijection of the state, so a wrong trace ends on a spread
+# of answers and rarely on the right one by chance. With *2 / *4 / *5 / *6 / *8 (the first shipped task,
+# before the bijective design of #13) most of the student's answer-graded pass@8 was such lucky answers.
+MUL_DIGITS = (3, 7, 9)
 LETTERS = string.ascii_lowercase  # one tag per step: k <= 26
 MAX_K = len(LETTERS)
 LINE_WIDTH = 10  # "37 a+5=42\n"
@@ -70,6 +74,15 @@ ANSWER_PREFIX = "answer: "
 TRAIN_K_RANGE = (4, 24)
 BENCHMARK_KS = {"chain8": 8, "chain12": 12, "chain16": 16, "chain24": 24}
 BENCHMARK_ROLE = {"chain8": "MATH500", "chain12": "AMC23", "chain16": "AIME24", "chain24": "AIME25"}
+
+
+def random_op(rng: random.Random) -> tuple[str, int]:
+    """One random operation ``(op, d)``: ``op`` uniform over :data:`OPS`, ``d`` uniform over
+    :data:`MUL_DIGITS` for ``*`` and over :data:`DIGITS` otherwise."""
+    op = rng.choice(OPS)
+    return op, rng.choice(MUL_DIGITS if op == "*" else DIGITS)
+
+
 BENCHMARK_SIZE = 256
 BENCHMARK_SEED = 0
 
@@ -118,7 +131,7 @@ def random_problem(rng: random.Random, k: int, shuffle: bool = True, countdown: 
     ``shuffle`` (the shipped task), else in sequence. ``countdown=False``: the first format (all ops
     shuffled, tags counting up). The random draws do not depend on ``countdown``."""
     start = rng.randrange(MOD)
-    ops = [(rng.choice(OPS), rng.choice(DIGITS)) for _ in range(k)]
+    ops = [random_op(rng) for _ in range(k)]
     order = rng.sample(range(k), k) if shuffle else None
     if countdown and order is not None:
         order = [0] + [i for i in order if i != 0]
@@ -302,8 +315,8 @@ def trace_errors(problem: str, response_text: str) -> dict:
     ``kind``: ``exact`` (k steps), ``short`` (stopped before step k) or ``long`` (ran past step k), and
     ``reference``: the response is the reference solution, every step line and the answer line.
     A response can have the right number of steps and still be wrong (a slip inside a line), and a wrong
-    trace can still end on the right answer: a state modulo 100 after a ``*2`` / ``*5`` / ``*4`` takes few
-    values, so the answer grader alone counts some wrong traces as solved; ``reference`` does not.
+    trace can still end on the right answer (by chance: every operation is a bijection modulo 100, so one
+    in about a hundred), which the answer grader counts as solved; ``reference`` does not.
     """
     full = solve(problem).split("\n")
     ref = full[:-1]

@@ -1,8 +1,8 @@
 """Build the CPU miniature's shipped checkpoints: an SFT teacher and an early-stopped SFT student.
 
 Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the response tokens only
-(solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then cosine
-(teacher) or constant (student) learning rate. Each step is a batch of problems that share one ``k``
+(solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then a constant
+(phase A) or cosine (phase B) learning rate. Each step is a batch of problems that share one ``k``
 (drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, the
 teacher's last phase) make a batch ragged, and it is right-padded. The student is stopped early, at
 low but non-zero pass@1, so it has headroom for OPD.
@@ -13,8 +13,8 @@ writes ``teacher/`` and ``student/`` (``save_pretrained``: safetensors + tokeniz
 four benchmarks and training prompts as JSON Lines) and ``prepare.json`` (settings and measured
 accuracies). Fixed seeds and data order make it reproducible for a given thread count (the default
 single thread); the shipped files' reproducibility check and build times are in the README ("The CPU
-miniature"). The first two phases of each model are the first shipped recipe, unchanged (same data,
-tested by digest); the last phase trains on the countdown format of :mod:`opdkit.tasks.chain`.
+miniature"). Both models train on the countdown format of :mod:`opdkit.tasks.chain` with its bijective
+multipliers; the data streams are pinned by digest in the tests.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ from opdkit.tasks.chain import (
     ANSWER_PREFIX,
     BENCHMARK_KS,
     BENCHMARK_ROLE,
-    DIGITS,
     LETTERS,
     MAX_K,
     MOD,
-    OPS,
     TRAIN_K_RANGE,
     _held_out_problems,
     apply_op,
@@ -50,6 +48,7 @@ from opdkit.tasks.chain import (
     grade_chain,
     make_train_prompts,
     parse_problem,
+    random_op,
     random_problem,
     tag,
     trace_length,
@@ -106,7 +105,7 @@ def slipped_solution(problem: str, rng: random.Random, p_slip: float = 0.0,
     if extra:
         nxt = LETTERS[rng.randrange(k)] if countdown else LETTERS[min(k, MAX_K - 1)]  # no next tag after a
         letter = rng.choice([nxt, LETTERS[rng.randrange(k)]])
-        op, d = rng.choice(OPS), rng.choice(DIGITS)
+        op, d = random_op(rng)
         segs.append((f"{x:02d} {letter}{op}{d}={apply_op(x, op, d):02d}\n", False))
     segs.append((f"{ANSWER_PREFIX}{x:02d}", True))
     return segs
@@ -315,12 +314,16 @@ class Phase(NamedTuple):
 TEACHER_PHASES = (Phase(800, 1e-3, 0, "constant", 50, (2, 8)),
                   Phase(600, 1e-3, 5, "cosine", 20, (4, 24), slips=(0.25, 0.25)))
 # The student has the teacher's shape (4 x 128) and its phases without the slips, from another model seed,
-# and is stopped early in phase B (after 100 of its 600 steps): capable (the teacher's capacity; the lookup
-# and the stop are learned in phase A) but under-trained on long chains. Narrower or shallower students
-# (4 x 64, 3 x 128, 4 x 96) either never learned the lookup or were not moved by OPD on the dev seeds (#13,
-# docs/experiments/issue13/README.md).
+# and is stopped early in phase B (after 250 of its 600 steps, chosen on dev seeds among snapshots): capable
+# (the teacher's capacity; the lookup and the stop are learned in phase A) but under-trained on long chains.
+# On dev seeds OPD raised the step-250 snapshot's strict pass@8 by 11.6 points, the step-200 one's by 3.5.
+# Narrower or shallower students (4 x 64, 3 x 128, 4 x 96) either never learned the lookup or were not moved
+# by OPD (#13, docs/experiments/issue13/README.md).
 STUDENT_PHASES = (Phase(800, 1e-3, 0, "constant", 50, (2, 8)),
-                  Phase(600, 1e-3, 5, "cosine", 20, (4, 24), 100))
+                  Phase(600, 1e-3, 5, "cosine", 20, (4, 24), 250))
+# model seeds, added to prepare_miniature's seed: with the bijective multipliers the teacher of model seed 0
+# stayed weak on long chains (greedy 5 % on chain16, 44 % with a 1,000-step phase B); model seed 2 learned them
+TEACHER_MODEL_SEED, STUDENT_MODEL_SEED = 2, 1
 CURRICULUM_STUDENT_SPEC = TEACHER_SPEC
 
 
@@ -381,8 +384,9 @@ def prepare_miniature(out_dir: str | Path, *, seed: int = 0, teacher_steps: int 
               "train_k_range": list(TRAIN_K_RANGE), "benchmarks": {
                   n: {"k": BENCHMARK_KS[n], "rows": len(r), "plays": BENCHMARK_ROLE[n]} for n, r in benches.items()},
               "torch": torch.__version__, "python": platform.python_version(), "n_sampled": n_sampled}
-    for role, spec, phases, mseed in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed),
-                                      ("student", CURRICULUM_STUDENT_SPEC, student_phases, seed + 1)):
+    for role, spec, phases, mseed in (("teacher", TEACHER_SPEC, TEACHER_PHASES, seed + TEACHER_MODEL_SEED),
+                                      ("student", CURRICULUM_STUDENT_SPEC, student_phases,
+                                       seed + STUDENT_MODEL_SEED)):
         if role not in roles:
             continue
         t = time.time()
