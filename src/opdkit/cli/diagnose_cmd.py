@@ -27,9 +27,10 @@ def add_parser(sub) -> None:
                         "template with {problem} {answer} {solution} {hint}; opdkit extension) or MODEL:PRESET, "
                         "e.g. miniature,self:solution,self:answer,self:hint")
     p.add_argument("--hint-lines", type=int, default=2, help="lines of the solution a context's {hint} holds")
-    p.add_argument("--data", default="chain7",
-                   help="benchmark name (chain8, chain12, math500, ...), chainK for any K (the miniature's task "
-                        "with K steps; the shipped student solves about 30 % of chain7 at T = 1), or a .jsonl "
+    p.add_argument("--data", default="chain12@7",
+                   help="benchmark name (chain8, chain12, math500, ...), chainK for any K or chainK@SEED for another "
+                        "data seed (the miniature's task with K steps; default: chain12 problems of dev seed 7, no "
+                        "benchmark's, of which the shipped student solves about 20 %% at T = 1), or a .jsonl "
                         "path; comma-separated for several")
     p.add_argument("--data-dir", default="", help="directory of registered benchmark files")
     p.add_argument("--n-rollouts", type=int, default=64, help="student rollouts to diagnose")

@@ -20,8 +20,8 @@ from opdkit.eval.report import load_run, to_markdown, write_report
 TRACES_HEAD = ("# How the evaluated traces end\n\nPercent of all evaluated samples (every benchmark, every seed): "
                "stopped before step k, wrote exactly k steps, ran past step k; the mean fraction of leading "
                "steps equal to the reference; correct answers (avg@n); samples that write the reference trace; "
-               "right answers from a wrong trace (a state modulo 100 after a few `*` operations takes few values, "
-               "so a wrong trace can end on the right answer).\n\n")
+               "right answers from a wrong trace (the answer grader counts them; on the chain task, where every "
+               "operation is a bijection modulo 100, they come by chance).\n\n")
 STRICT_HEAD = ("strict {metric} (%): a problem counts as solved only when one of its samples writes the reference "
                "trace; the answer grader above also counts wrong traces that end on the right answer:\n\n")
 

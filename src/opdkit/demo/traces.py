@@ -7,8 +7,8 @@ fraction of responses that stop before the last step (``short``), write exactly 
 good the arithmetic is, so this table explains moves of pass@k that the per-token losses do not show.
 
 It also separates the right answers that come from the reference trace from those that come from a wrong
-trace (a state modulo 100 after a few ``*`` operations takes few values, so wrong traces often end on the
-right answer), and :func:`strict_table` recomputes pass@k counting a problem as solved only when a sample
+trace (by chance on the chain task, whose operations are bijections modulo 100; with a task whose operations
+merge states, such as ``*2`` modulo 100, wrong traces often end on the right answer), and :func:`strict_table` recomputes pass@k counting a problem as solved only when a sample
 writes its reference trace: the measure of what the student can actually do.
 """
 

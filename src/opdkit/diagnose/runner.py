@@ -42,7 +42,8 @@ class DiagnoseSettings:
     teachers: list[str] = F(["miniature"], "teachers: a path / hub id ('miniature': the shipped teacher), "
                                            "self:CONTEXT (the student under a privileged context: solution, "
                                            "answer, hint or a template; opdkit extension) or MODEL:PRESET")
-    data: str = F("chain7", "comma-separated problem sets: chainK, registered names, .jsonl paths")
+    data: str = F("chain12@7", "comma-separated problem sets: chainK or chainK@SEED, registered names, .jsonl "
+                               "paths (default: the CLI's, dev-seed chain12 problems)")
     n_rollouts: int = F(64, "student rollouts to diagnose")
     samples_per_question: int = F(1, "rollouts per question")
     offset: int = F(0, "skip the first questions of the data")
