@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default="chain12@7",
                    help="benchmark name (chain8, chain12, math500, ...), chainK for any K or chainK@SEED for another "
                         "data seed (the miniature's task with K steps; default: chain12 problems of dev seed 7, no "
-                        "benchmark's, of which the shipped student solves about 20 %% at T = 1), or a .jsonl "
+                        "benchmark's, of which the shipped student solves about 30 %% at T = 1), or a .jsonl "
                         "path; comma-separated for several")
     p.add_argument("--data-dir", default="", help="directory of registered benchmark files")
     p.add_argument("--n-rollouts", type=int, default=64, help="student rollouts to diagnose")
