@@ -8,8 +8,9 @@ good the arithmetic is, so this table explains moves of pass@k that the per-toke
 
 It also separates the right answers that come from the reference trace from those that come from a wrong
 trace (by chance on the chain task, whose operations are bijections modulo 100; with a task whose operations
-merge states, such as ``*2`` modulo 100, wrong traces often end on the right answer), and :func:`strict_table` recomputes pass@k counting a problem as solved only when a sample
-writes its reference trace: the measure of what the student can actually do.
+merge states, such as ``*2`` modulo 100, wrong traces often end on the right answer), and
+:func:`strict_table` recomputes pass@k counting a problem as solved only when a sample writes its reference
+trace: the measure of what the student can actually do.
 """
 
 from __future__ import annotations
