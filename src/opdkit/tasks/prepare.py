@@ -4,8 +4,8 @@ Both are tiny Qwen3 decoders trained with teacher-forced cross-entropy on the re
 (solution + eos after the plain prompt ``format_prompt(problem)``), AdamW, linear warmup then a constant
 (phase A) or cosine (phase B) learning rate. Each step is a batch of problems that share one ``k``
 (drawn uniformly from ``TRAIN_K_RANGE``); only traces with a made-up extra step (``slips``, the
-teacher's last phase) make a batch ragged, and it is right-padded. The student is stopped early, at
-low but non-zero pass@1, so it has headroom for OPD.
+teacher's last phase) make a batch ragged, and it is right-padded. The student is stopped early, while it
+solves short chains but few long ones, so it has headroom for OPD.
 
     python -m opdkit.tasks.prepare --out src/opdkit/assets/miniature
 
