@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from opdkit.losses.divergences import reverse_kl
 from opdkit.rollout.sampler import SamplingParams, sample_rollouts
 from opdkit.rollout.scoring import decoder_and_head, response_hidden_states
 from opdkit.runtime.models import load_model, load_tokenizer
@@ -27,9 +28,9 @@ torch.set_num_threads(1)
 KS, N_PROBLEMS, N_SAMPLES = (8, 12, 16, 24), 32, 4
 
 
-def full_logp_BTV(model, batch):
+def logits_BTV(model, batch):
     _, weight_VH = decoder_and_head(model)
-    return (response_hidden_states(model, batch).float() @ weight_VH.float().T).log_softmax(-1)
+    return response_hidden_states(model, batch).float() @ weight_VH.float().T
 
 
 @torch.no_grad()
@@ -42,9 +43,10 @@ def kl_per_k(student, teacher, tok):
                                                              samples_per_prompt=N_SAMPLES),
                             eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
                             generator=torch.Generator().manual_seed(k))
-        ls_BTV, lt_BTV = full_logp_BTV(student, b), full_logp_BTV(teacher, b)
+        zs_BTV, zt_BTV = logits_BTV(student, b), logits_BTV(teacher, b)
         mask_BT = b.response_mask_BT.float()
-        exact_BT = (ls_BTV.exp() * (ls_BTV - lt_BTV)).sum(-1)
+        exact_BT = reverse_kl(zs_BTV, zt_BTV, mask_BT)  # opdkit's per-token KL(p_s || p_t), zero off the mask
+        ls_BTV, lt_BTV = zs_BTV.log_softmax(-1), zt_BTV.log_softmax(-1)
         ids_BT1 = b.response_ids_BT.unsqueeze(-1)
         sampled_BT = (ls_BTV.gather(-1, ids_BT1) - lt_BTV.gather(-1, ids_BT1)).squeeze(-1)
         n = mask_BT.sum()
